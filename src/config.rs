@@ -1,0 +1,710 @@
+//! `gateway.yaml`: the serde schema that mirrors the file, and the validated [`Config`] the rest
+//! of herald runs on.
+//!
+//! Parsing happens in two steps, as `../shared/DESIGN.md` §2 asks: the YAML is read into `Raw*`
+//! structs (`deny_unknown_fields`, so a typo is an error that names its YAML path), then
+//! [`Config::from_yaml`] checks every value and loads every referenced file (keys, service
+//! accounts, CA bundles) into a `Config` of durations, socket addresses and parsed keys. Nothing is
+//! bound or connected here; `herald check-config` runs exactly this code.
+//!
+//! This module never logs, and its `Debug` output never contains key material.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+
+/// A configuration problem, phrased as `PATH: problem` where PATH is the YAML path.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    #[error("{file}: {key}: {message}")]
+    Invalid { file: String, key: String, message: String },
+}
+
+/// Where an `http(s)` upstream lives and which extra roots it trusts.
+#[derive(Clone)]
+pub struct Upstream {
+    /// Base URL, without a trailing slash (`https://api.push.apple.com`).
+    pub base_url: String,
+    /// Extra trusted roots (from `ca_file`), added to the embedded webpki roots.
+    pub extra_roots: Vec<CertificateDer<'static>>,
+}
+
+impl fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Upstream")
+            .field("base_url", &self.base_url)
+            .field("extra_roots", &self.extra_roots.len())
+            .finish()
+    }
+}
+
+/// Checked settings for the whole daemon.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Vec<SocketAddr>,
+    /// `None` when the admin routes share the notify listener(s).
+    pub admin_listen: Option<SocketAddr>,
+    pub max_body_bytes: usize,
+    pub request_deadline: Duration,
+    pub upstream_timeout: Duration,
+    pub retry: RetryPolicy,
+    pub max_inflight_requests: usize,
+    pub shutdown_grace: Duration,
+    pub log: LogConfig,
+    pub dedup: DedupConfig,
+    pub proxy: Option<ProxyConfig>,
+    /// Apps in file order; lookup rules live in `dispatch`.
+    pub apps: Vec<AppConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts per device, the first included (>= 1).
+    pub attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DedupConfig {
+    pub ttl: Duration,
+    pub max_entries: u64,
+}
+
+/// An HTTP CONNECT proxy for every upstream connection.
+#[derive(Clone)]
+pub struct ProxyConfig {
+    pub uri: http::Uri,
+    /// Value of `Proxy-Authorization`, when the URL carried `user:pass@`.
+    pub authorization: Option<http::HeaderValue>,
+}
+
+impl fmt::Debug for ProxyConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProxyConfig")
+            .field("uri", &self.uri)
+            .field("authorization", &self.authorization.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// One entry of `apps:`.
+#[derive(Debug, Clone)]
+pub struct AppConfig {
+    /// The exact app id, or a glob with `*` and `?`.
+    pub pattern: String,
+    pub kind: AppKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum AppKind {
+    Apns(ApnsConfig),
+    Fcm(FcmConfig),
+    Log,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApnsConfig {
+    pub auth: ApnsAuth,
+    pub topic: String,
+    pub push_type: Option<String>,
+    pub convert_device_token_to_hex: bool,
+    pub send_badge_counts: bool,
+    pub upstream: Upstream,
+    pub max_concurrency: usize,
+}
+
+pub enum ApnsAuth {
+    /// ES256 provider tokens signed with the `.p8` key.
+    Token { key_pkcs8: Vec<u8>, key_id: String, team_id: String },
+    /// TLS client certificate.
+    Certificate { chain: Vec<CertificateDer<'static>>, key: Arc<PrivateKeyDer<'static>> },
+}
+
+impl Clone for ApnsAuth {
+    fn clone(&self) -> Self {
+        match self {
+            ApnsAuth::Token { key_pkcs8, key_id, team_id } => ApnsAuth::Token {
+                key_pkcs8: key_pkcs8.clone(),
+                key_id: key_id.clone(),
+                team_id: team_id.clone(),
+            },
+            ApnsAuth::Certificate { chain, key } => {
+                ApnsAuth::Certificate { chain: chain.clone(), key: key.clone() }
+            }
+        }
+    }
+}
+
+impl fmt::Debug for ApnsAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ApnsAuth::Token { key_id, team_id, .. } => f
+                .debug_struct("Token")
+                .field("key_id", key_id)
+                .field("team_id", team_id)
+                .field("key", &"<redacted>")
+                .finish(),
+            ApnsAuth::Certificate { chain, .. } => f
+                .debug_struct("Certificate")
+                .field("chain", &chain.len())
+                .field("key", &"<redacted>")
+                .finish(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct FcmConfig {
+    /// The service-account JSON, kept whole for `gcp_auth`.
+    pub service_account_json: Arc<str>,
+    pub project_id: String,
+    pub upstream: Upstream,
+    pub notification: bool,
+    pub android: serde_json::Map<String, serde_json::Value>,
+    pub send_badge_counts: bool,
+    pub max_concurrency: usize,
+}
+
+impl fmt::Debug for FcmConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FcmConfig")
+            .field("service_account_json", &"<redacted>")
+            .field("project_id", &self.project_id)
+            .field("upstream", &self.upstream)
+            .field("notification", &self.notification)
+            .field("android", &self.android)
+            .field("send_badge_counts", &self.send_badge_counts)
+            .finish()
+    }
+}
+
+// === raw schema: mirrors the YAML ===
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_listen")]
+    listen: OneOrMany,
+    #[serde(default)]
+    admin_listen: Option<String>,
+    #[serde(default = "default_max_body")]
+    max_body_bytes: usize,
+    #[serde(default)]
+    request_deadline: Option<String>,
+    #[serde(default)]
+    upstream_timeout: Option<String>,
+    #[serde(default)]
+    retry: RawRetry,
+    #[serde(default = "default_inflight")]
+    max_inflight_requests: usize,
+    #[serde(default)]
+    shutdown_grace: Option<String>,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    dedup: RawDedup,
+    #[serde(default)]
+    proxy: Option<String>,
+    #[serde(default)]
+    apps: BTreeMap<String, serde_json::Value>,
+}
+
+fn default_listen() -> OneOrMany {
+    OneOrMany::One("127.0.0.1:5000".into())
+}
+fn default_max_body() -> usize {
+    512 * 1024
+}
+fn default_inflight() -> usize {
+    4096
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    attempts: Option<u32>,
+    initial_backoff: Option<String>,
+    max_backoff: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Option<String>,
+    format: Option<LogFormat>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDedup {
+    ttl: Option<String>,
+    max_entries: Option<u64>,
+    backend: Option<String>,
+    redis_url: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum RawApp {
+    Apns(RawApns),
+    Fcm(RawFcm),
+    Log(RawLogApp),
+    Webpush(serde::de::IgnoredAny),
+    Unifiedpush(serde::de::IgnoredAny),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApns {
+    key_file: Option<PathBuf>,
+    key_id: Option<String>,
+    team_id: Option<String>,
+    cert_file: Option<PathBuf>,
+    topic: String,
+    #[serde(default)]
+    platform: Option<String>,
+    #[serde(default)]
+    push_type: Option<String>,
+    #[serde(default = "yes")]
+    convert_device_token_to_hex: bool,
+    #[serde(default = "yes")]
+    send_badge_counts: bool,
+    #[serde(default)]
+    endpoint: Option<String>,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+    #[serde(default = "default_concurrency")]
+    max_concurrency: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFcm {
+    service_account_file: PathBuf,
+    #[serde(default)]
+    project_id: Option<String>,
+    #[serde(default)]
+    endpoint: Option<String>,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    notification: bool,
+    #[serde(default)]
+    android: serde_json::Map<String, serde_json::Value>,
+    #[serde(default = "yes")]
+    send_badge_counts: bool,
+    #[serde(default = "default_concurrency")]
+    max_concurrency: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLogApp {}
+
+fn yes() -> bool {
+    true
+}
+fn default_concurrency() -> usize {
+    512
+}
+
+const APNS_PRODUCTION: &str = "https://api.push.apple.com";
+const APNS_SANDBOX: &str = "https://api.sandbox.push.apple.com";
+const FCM_DEFAULT: &str = "https://fcm.googleapis.com";
+
+// === validation ===
+
+/// Collects the file name and turns problems into `ConfigError`s that name the YAML path.
+struct Checker<'a> {
+    file: &'a str,
+    /// Relative paths in the file are resolved against this directory.
+    base_dir: &'a Path,
+}
+
+impl Checker<'_> {
+    fn invalid(&self, key: impl Into<String>, message: impl fmt::Display) -> ConfigError {
+        ConfigError::Invalid { file: self.file.to_owned(), key: key.into(), message: message.to_string() }
+    }
+
+    fn duration(&self, key: &str, value: Option<&str>, default: &str) -> Result<Duration, ConfigError> {
+        let text = value.unwrap_or(default);
+        humantime::parse_duration(text)
+            .map_err(|e| self.invalid(key, format!("{text:?} is not a duration ({e}); use e.g. \"10s\" or \"200ms\"")))
+    }
+
+    fn addr(&self, key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+        text.parse().map_err(|_| self.invalid(key, format!("{text:?} is not an IP:port address")))
+    }
+
+    fn path(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() { path.to_owned() } else { self.base_dir.join(path) }
+    }
+
+    fn read(&self, key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+        let full = self.path(path);
+        std::fs::read(&full).map_err(|e| self.invalid(key, format!("cannot read {}: {e}", full.display())))
+    }
+
+    fn endpoint(&self, key: &str, value: Option<String>, default: &str) -> Result<String, ConfigError> {
+        let url = value.unwrap_or_else(|| default.to_owned());
+        let uri: http::Uri = url.parse().map_err(|e| self.invalid(key, format!("{url:?} is not a URL ({e})")))?;
+        match uri.scheme_str() {
+            Some("http" | "https") if uri.host().is_some() => {}
+            _ => return Err(self.invalid(key, format!("{url:?} must be an http:// or https:// URL"))),
+        }
+        Ok(url.trim_end_matches('/').to_owned())
+    }
+
+    fn ca_file(&self, key: &str, path: Option<&Path>) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+        let Some(path) = path else { return Ok(Vec::new()) };
+        let pem = self.read(key, path)?;
+        let certs = rustls_pemfile::certs(&mut pem.as_slice())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.invalid(key, format!("bad PEM: {e}")))?;
+        if certs.is_empty() {
+            return Err(self.invalid(key, "no CERTIFICATE blocks found"));
+        }
+        Ok(certs)
+    }
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::from_yaml(&text, &path.display().to_string(), base)
+    }
+
+    /// Parses and validates YAML text; `file` names it in errors and relative paths inside it are
+    /// resolved against `base_dir`.
+    pub fn from_yaml(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+        let check = Checker { file, base_dir };
+        let raw: RawConfig = serde_saphyr::from_str(text)
+            .map_err(|e| ConfigError::Parse { file: file.to_owned(), message: one_line(&e.to_string()) })?;
+
+        let listen_texts = match raw.listen {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        };
+        if listen_texts.is_empty() {
+            return Err(check.invalid("listen", "at least one address is required"));
+        }
+        let listen = listen_texts
+            .iter()
+            .enumerate()
+            .map(|(i, s)| check.addr(&format!("listen[{i}]"), s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let admin_listen = match raw.admin_listen.as_deref() {
+            None => None,
+            Some(s) => {
+                let addr = check.addr("admin_listen", s)?;
+                if listen.contains(&addr) { None } else { Some(addr) }
+            }
+        };
+        if raw.max_body_bytes < 1024 {
+            return Err(check.invalid("max_body_bytes", "must be at least 1024"));
+        }
+        if raw.max_inflight_requests == 0 {
+            return Err(check.invalid("max_inflight_requests", "must be at least 1"));
+        }
+        let request_deadline = check.duration("request_deadline", raw.request_deadline.as_deref(), "10s")?;
+        let upstream_timeout = check.duration("upstream_timeout", raw.upstream_timeout.as_deref(), "5s")?;
+        if request_deadline.is_zero() || upstream_timeout.is_zero() {
+            return Err(check.invalid("request_deadline", "timeouts must be greater than zero"));
+        }
+        let retry = RetryPolicy {
+            attempts: raw.retry.attempts.unwrap_or(3),
+            initial_backoff: check.duration("retry.initial_backoff", raw.retry.initial_backoff.as_deref(), "200ms")?,
+            max_backoff: check.duration("retry.max_backoff", raw.retry.max_backoff.as_deref(), "2s")?,
+        };
+        if retry.attempts == 0 {
+            return Err(check.invalid("retry.attempts", "must be at least 1 (1 = no retries)"));
+        }
+        let log = LogConfig {
+            level: raw.log.level.unwrap_or_else(|| "info".into()),
+            format: raw.log.format.unwrap_or(LogFormat::Text),
+        };
+        if tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
+            return Err(check.invalid("log.level", format!("{:?} is not a log level or filter", log.level)));
+        }
+        match raw.dedup.backend.as_deref() {
+            None | Some("memory") => {}
+            Some("redis") => {
+                return Err(check.invalid(
+                    "dedup.backend",
+                    "redis is not available in this build yet; use memory",
+                ));
+            }
+            Some(other) => return Err(check.invalid("dedup.backend", format!("{other:?} is not memory or redis"))),
+        }
+        if raw.dedup.redis_url.is_some() {
+            return Err(check.invalid("dedup.redis_url", "only used with backend: redis"));
+        }
+        let dedup = DedupConfig {
+            ttl: check.duration("dedup.ttl", raw.dedup.ttl.as_deref(), "1h")?,
+            max_entries: raw.dedup.max_entries.unwrap_or(200_000),
+        };
+        let proxy = raw.proxy.as_deref().map(|p| parse_proxy(&check, p)).transpose()?;
+
+        let mut apps = Vec::with_capacity(raw.apps.len());
+        for (pattern, value) in raw.apps {
+            let key = format!("apps.{pattern}");
+            if pattern.is_empty() {
+                return Err(check.invalid("apps", "an app id must not be empty"));
+            }
+            let app: RawApp = serde_json::from_value(value).map_err(|e| check.invalid(&key, e))?;
+            let kind = match app {
+                RawApp::Apns(a) => AppKind::Apns(apns(&check, &key, a)?),
+                RawApp::Fcm(f) => AppKind::Fcm(fcm(&check, &key, f)?),
+                RawApp::Log(RawLogApp {}) => AppKind::Log,
+                RawApp::Webpush(_) | RawApp::Unifiedpush(_) => {
+                    return Err(check.invalid(
+                        format!("{key}.type"),
+                        "webpush and unifiedpush are not available in this build yet",
+                    ));
+                }
+            };
+            apps.push(AppConfig { pattern, kind });
+        }
+
+        Ok(Config {
+            listen,
+            admin_listen,
+            max_body_bytes: raw.max_body_bytes,
+            request_deadline,
+            upstream_timeout,
+            retry,
+            max_inflight_requests: raw.max_inflight_requests,
+            shutdown_grace: check.duration("shutdown_grace", raw.shutdown_grace.as_deref(), "10s")?,
+            log,
+            dedup,
+            proxy,
+            apps,
+        })
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn parse_proxy(check: &Checker<'_>, text: &str) -> Result<ProxyConfig, ConfigError> {
+    let uri: http::Uri =
+        text.parse().map_err(|e| check.invalid("proxy", format!("not a URL ({e})")))?;
+    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        return Err(check.invalid("proxy", "must be an http://[user:pass@]host:port URL"));
+    }
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+    let (authorization, host_port) = match authority.rsplit_once('@') {
+        Some((userinfo, host_port)) => {
+            use base64::Engine as _;
+            let encoded = base64::engine::general_purpose::STANDARD.encode(userinfo);
+            let value = http::HeaderValue::try_from(format!("Basic {encoded}"))
+                .map_err(|_| check.invalid("proxy", "credentials are not a valid header"))?;
+            (Some(value), host_port)
+        }
+        None => (None, authority),
+    };
+    let uri = format!("http://{host_port}")
+        .parse()
+        .map_err(|e| check.invalid("proxy", format!("not a URL ({e})")))?;
+    Ok(ProxyConfig { uri, authorization })
+}
+
+fn apns(check: &Checker<'_>, key: &str, raw: RawApns) -> Result<ApnsConfig, ConfigError> {
+    let auth = match (&raw.key_file, &raw.cert_file) {
+        (Some(_), Some(_)) => {
+            return Err(check.invalid(key, "set key_file (token auth) or cert_file (certificate auth), not both"));
+        }
+        (None, None) => {
+            return Err(check.invalid(key, "needs key_file + key_id + team_id (token auth) or cert_file"));
+        }
+        (Some(path), None) => {
+            let key_id = raw.key_id.clone().ok_or_else(|| check.invalid(format!("{key}.key_id"), "required with key_file"))?;
+            let team_id = raw.team_id.clone().ok_or_else(|| check.invalid(format!("{key}.team_id"), "required with key_file"))?;
+            let pem = check.read(&format!("{key}.key_file"), path)?;
+            let der = match rustls_pemfile::private_key(&mut pem.as_slice()) {
+                Ok(Some(PrivateKeyDer::Pkcs8(der))) => der.secret_pkcs8_der().to_vec(),
+                _ => return Err(check.invalid(format!("{key}.key_file"), "expected a PKCS#8 EC private key (Apple's .p8 file)")),
+            };
+            let rng = ring::rand::SystemRandom::new();
+            ring::signature::EcdsaKeyPair::from_pkcs8(&ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING, &der, &rng)
+                .map_err(|_| check.invalid(format!("{key}.key_file"), "not a P-256 (ES256) private key"))?;
+            ApnsAuth::Token { key_pkcs8: der, key_id, team_id }
+        }
+        (None, Some(path)) => {
+            if raw.key_id.is_some() || raw.team_id.is_some() {
+                return Err(check.invalid(key, "key_id and team_id are only used with key_file"));
+            }
+            let field = format!("{key}.cert_file");
+            let pem = check.read(&field, path)?;
+            let chain = rustls_pemfile::certs(&mut pem.as_slice())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| check.invalid(&field, format!("bad PEM: {e}")))?;
+            if chain.is_empty() {
+                return Err(check.invalid(&field, "no CERTIFICATE block found"));
+            }
+            let private = rustls_pemfile::private_key(&mut pem.as_slice())
+                .ok()
+                .flatten()
+                .ok_or_else(|| check.invalid(&field, "no PRIVATE KEY block found (put the key in the same PEM file)"))?;
+            ApnsAuth::Certificate { chain, key: Arc::new(private) }
+        }
+    };
+    let default_base = match raw.platform.as_deref() {
+        None | Some("production") => APNS_PRODUCTION,
+        Some("sandbox") => APNS_SANDBOX,
+        Some(other) => {
+            return Err(check.invalid(format!("{key}.platform"), format!("{other:?} is not production or sandbox")));
+        }
+    };
+    if raw.topic.is_empty() {
+        return Err(check.invalid(format!("{key}.topic"), "must not be empty"));
+    }
+    if raw.max_concurrency == 0 {
+        return Err(check.invalid(format!("{key}.max_concurrency"), "must be at least 1"));
+    }
+    Ok(ApnsConfig {
+        auth,
+        topic: raw.topic,
+        push_type: raw.push_type,
+        convert_device_token_to_hex: raw.convert_device_token_to_hex,
+        send_badge_counts: raw.send_badge_counts,
+        upstream: Upstream {
+            base_url: check.endpoint(&format!("{key}.endpoint"), raw.endpoint, default_base)?,
+            extra_roots: check.ca_file(&format!("{key}.ca_file"), raw.ca_file.as_deref())?,
+        },
+        max_concurrency: raw.max_concurrency,
+    })
+}
+
+fn fcm(check: &Checker<'_>, key: &str, raw: RawFcm) -> Result<FcmConfig, ConfigError> {
+    let field = format!("{key}.service_account_file");
+    let bytes = check.read(&field, &raw.service_account_file)?;
+    let json = String::from_utf8(bytes).map_err(|_| check.invalid(&field, "not UTF-8 text"))?;
+    let account = gcp_auth::CustomServiceAccount::from_json(&json)
+        .map_err(|e| check.invalid(&field, format!("not a usable service-account key ({e})")))?;
+    let project_id = match raw.project_id.or_else(|| account.project_id().map(str::to_owned)) {
+        Some(p) if !p.is_empty() => p,
+        _ => return Err(check.invalid(format!("{key}.project_id"), "required: the service account file names none")),
+    };
+    if raw.max_concurrency == 0 {
+        return Err(check.invalid(format!("{key}.max_concurrency"), "must be at least 1"));
+    }
+    Ok(FcmConfig {
+        service_account_json: json.into(),
+        project_id,
+        upstream: Upstream {
+            base_url: check.endpoint(&format!("{key}.endpoint"), raw.endpoint, FCM_DEFAULT)?,
+            extra_roots: check.ca_file(&format!("{key}.ca_file"), raw.ca_file.as_deref())?,
+        },
+        notification: raw.notification,
+        android: raw.android,
+        send_badge_counts: raw.send_badge_counts,
+        max_concurrency: raw.max_concurrency,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml(yaml, "gateway.yaml", Path::new("."))
+    }
+
+    #[test]
+    fn defaults_fill_an_almost_empty_file() {
+        let c = parse("apps:\n  a.b:\n    type: log\n").unwrap();
+        assert_eq!(c.listen, vec!["127.0.0.1:5000".parse().unwrap()]);
+        assert_eq!(c.request_deadline, Duration::from_secs(10));
+        assert_eq!(c.retry.attempts, 3);
+        assert_eq!(c.dedup.max_entries, 200_000);
+        assert!(matches!(c.apps[0].kind, AppKind::Log));
+    }
+
+    #[test]
+    fn unknown_top_level_key_is_named() {
+        let e = parse("listn: 1.2.3.4:5\n").unwrap_err().to_string();
+        assert!(e.contains("listn"), "{e}");
+    }
+
+    #[test]
+    fn unknown_app_key_names_the_app() {
+        let e = parse("apps:\n  a.b:\n    type: log\n    colour: red\n").unwrap_err().to_string();
+        assert!(e.contains("apps.a.b") && e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_key() {
+        let e = parse("retry: { max_backoff: soon }\n").unwrap_err().to_string();
+        assert!(e.contains("retry.max_backoff") && e.contains("soon"), "{e}");
+    }
+
+    #[test]
+    fn listen_accepts_a_list_and_admin_may_equal_listen() {
+        let c = parse("listen: [\"127.0.0.1:1\", \"[::1]:2\"]\nadmin_listen: \"127.0.0.1:1\"\n").unwrap();
+        assert_eq!(c.listen.len(), 2);
+        assert_eq!(c.admin_listen, None);
+    }
+
+    #[test]
+    fn proxy_credentials_become_basic_auth_and_are_not_debug_printed() {
+        let c = parse("proxy: \"http://user:secret@proxy.local:3128\"\n").unwrap();
+        let p = c.proxy.unwrap();
+        assert_eq!(p.uri.to_string(), "http://proxy.local:3128/");
+        assert!(p.authorization.is_some());
+        assert!(!format!("{p:?}").contains("secret"));
+    }
+
+    #[test]
+    fn apns_without_auth_is_an_error() {
+        let e = parse("apps:\n  x:\n    type: apns\n    topic: t\n").unwrap_err().to_string();
+        assert!(e.contains("apps.x") && e.contains("key_file"), "{e}");
+    }
+
+    #[test]
+    fn missing_key_file_names_path() {
+        let e = parse("apps:\n  x:\n    type: apns\n    topic: t\n    key_file: /nonexistent.p8\n    key_id: K\n    team_id: T\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("apps.x.key_file") && e.contains("/nonexistent.p8"), "{e}");
+    }
+}

@@ -1,0 +1,156 @@
+//! The outbound HTTP client every adapter uses: hyper-util's pooled client over rustls (ring),
+//! trusting the embedded webpki roots plus an app's `ca_file`, optionally through an HTTP
+//! CONNECT proxy.
+//!
+//! `https://` URLs negotiate the protocol by ALPN; `http://` URLs are plain TCP, which with
+//! [`Protocol::Http2Only`] means HTTP/2 with prior knowledge (h2c) — how tests reach a fake APNs
+//! without TLS. Clients are built once per app at startup, never per request.
+
+use std::error::Error as StdError;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::proxy::Tunnel;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpStream;
+
+use crate::config::{ProxyConfig, Upstream};
+
+/// The client type shared by all adapters.
+pub type HttpClient = Client<HttpsConnector<UpstreamConnector>, Full<Bytes>>;
+
+/// Which HTTP versions a client may speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// APNs: HTTP/2 only, one multiplexed connection per host.
+    Http2Only,
+    /// FCM and the rest: HTTP/2 when ALPN offers it, else HTTP/1.1.
+    Any,
+}
+
+/// A TLS client certificate and its key.
+pub struct ClientIdentity<'a> {
+    pub chain: &'a [CertificateDer<'static>],
+    pub key: &'a PrivateKeyDer<'static>,
+}
+
+/// Builds the TLS settings for one upstream: webpki roots plus `extra_roots`, ring provider.
+pub fn tls_config(
+    extra_roots: &[CertificateDer<'static>],
+    identity: Option<ClientIdentity<'_>>,
+) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    for cert in extra_roots {
+        roots.add(cert.clone()).map_err(|e| format!("ca_file: unusable certificate ({e})"))?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("tls: {e}"))?
+    .with_root_certificates(roots);
+    match identity {
+        None => Ok(builder.with_no_client_auth()),
+        Some(id) => builder
+            .with_client_auth_cert(id.chain.to_vec(), id.key.clone_key())
+            .map_err(|e| format!("cert_file: certificate and key do not form a usable identity ({e})")),
+    }
+}
+
+/// Builds a pooled client for `upstream`.
+pub fn client(
+    upstream: &Upstream,
+    proxy: Option<&ProxyConfig>,
+    identity: Option<ClientIdentity<'_>>,
+    protocol: Protocol,
+) -> Result<HttpClient, String> {
+    let tls = tls_config(&upstream.extra_roots, identity)?;
+    let mut tcp = HttpConnector::new();
+    tcp.enforce_http(false);
+    tcp.set_nodelay(true);
+    tcp.set_connect_timeout(Some(Duration::from_secs(10)));
+    tcp.set_keepalive(Some(Duration::from_secs(60)));
+    let inner = match proxy {
+        None => UpstreamConnector::Direct(tcp),
+        Some(p) => {
+            let mut tunnel = Tunnel::new(p.uri.clone(), tcp);
+            if let Some(auth) = &p.authorization {
+                tunnel = tunnel.with_auth(auth.clone());
+            }
+            UpstreamConnector::Tunnel(tunnel)
+        }
+    };
+    let builder = HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
+    let connector = match protocol {
+        Protocol::Http2Only => builder.enable_http2().wrap_connector(inner),
+        Protocol::Any => builder.enable_all_versions().wrap_connector(inner),
+    };
+    let mut client = Client::builder(TokioExecutor::new());
+    client
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(300))
+        .http2_keep_alive_interval(Some(Duration::from_secs(60)))
+        .http2_keep_alive_timeout(Duration::from_secs(20))
+        .http2_keep_alive_while_idle(true);
+    if protocol == Protocol::Http2Only {
+        client.http2_only(true);
+    }
+    Ok(client.build(connector))
+}
+
+/// TCP straight to the upstream, or through a CONNECT tunnel.
+#[derive(Clone)]
+pub enum UpstreamConnector {
+    Direct(HttpConnector),
+    Tunnel(Tunnel<HttpConnector>),
+}
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+impl tower::Service<http::Uri> for UpstreamConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        match self {
+            UpstreamConnector::Direct(c) => c.poll_ready(cx).map_err(Into::into),
+            UpstreamConnector::Tunnel(c) => c.poll_ready(cx).map_err(Into::into),
+        }
+    }
+
+    fn call(&mut self, dst: http::Uri) -> Self::Future {
+        match self {
+            UpstreamConnector::Direct(c) => {
+                let f = c.call(dst);
+                Box::pin(async move { f.await.map_err(Into::into) })
+            }
+            UpstreamConnector::Tunnel(c) => {
+                let f = c.call(dst);
+                Box::pin(async move { f.await.map_err(Into::into) })
+            }
+        }
+    }
+}
+
+/// A transport-level failure (connect, TLS, reset, GOAWAY), described without URLs or secrets.
+pub fn describe_error(e: &hyper_util::client::legacy::Error) -> String {
+    let mut text = String::from(if e.is_connect() { "connect error" } else { "connection error" });
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
