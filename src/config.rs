@@ -435,7 +435,8 @@ impl Config {
             None => None,
             Some(s) => {
                 let addr = check.addr("admin_listen", s)?;
-                if listen.contains(&addr) { None } else { Some(addr) }
+                // Port 0 means "any free port": never the same socket as a listen address.
+                if addr.port() != 0 && listen.contains(&addr) { None } else { Some(addr) }
             }
         };
         if raw.max_body_bytes < 1024 {

@@ -48,10 +48,23 @@ pub struct Notification {
     #[serde(default)]
     pub content: Option<Map<String, Value>>,
     /// Unacknowledged communications for the user.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "object")]
     pub counts: Counts,
     /// The devices to notify; never empty after [`parse`].
     pub devices: Vec<Device>,
+}
+
+/// Deserializes a struct only from a JSON object (serde's derive also takes arrays) or null.
+fn object<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: serde::de::DeserializeOwned + Default,
+{
+    match Option::<Map<String, Value>>::deserialize(d)? {
+        None => Ok(T::default()),
+        Some(map) => serde_path_to_error::deserialize(Value::Object(map))
+            .map_err(|e| serde::de::Error::custom(format!("{}: {}", e.path(), e.inner()))),
+    }
 }
 
 /// Priority of a notification; an unknown string means the default, `high`.
