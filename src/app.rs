@@ -47,15 +47,18 @@ impl App {
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();
         for addr in &config.listen {
-            let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
             addrs.push(listener.local_addr()?);
             listeners.push((listener, main_router.clone()));
         }
         let admin_addr = match config.admin_listen {
             None => addrs[0],
             Some(addr) => {
-                let listener =
-                    TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (admin)"))?;
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (admin)"))?;
                 let bound = listener.local_addr()?;
                 listeners.push((listener, server::admin_router(state.clone())));
                 bound
@@ -76,7 +79,10 @@ impl App {
 
     /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests finish
     /// for up to `shutdown_grace`, and returns.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut servers = tokio::task::JoinSet::new();
         for (listener, router) in self.listeners {

@@ -358,13 +358,26 @@ struct Checker<'a> {
 
 impl Checker<'_> {
     fn invalid(&self, key: impl Into<String>, message: impl fmt::Display) -> ConfigError {
-        ConfigError::Invalid { file: self.file.to_owned(), key: key.into(), message: message.to_string() }
+        ConfigError::Invalid {
+            file: self.file.to_owned(),
+            key: key.into(),
+            message: message.to_string(),
+        }
     }
 
-    fn duration(&self, key: &str, value: Option<&str>, default: &str) -> Result<Duration, ConfigError> {
+    fn duration(
+        &self,
+        key: &str,
+        value: Option<&str>,
+        default: &str,
+    ) -> Result<Duration, ConfigError> {
         let text = value.unwrap_or(default);
-        humantime::parse_duration(text)
-            .map_err(|e| self.invalid(key, format!("{text:?} is not a duration ({e}); use e.g. \"10s\" or \"200ms\"")))
+        humantime::parse_duration(text).map_err(|e| {
+            self.invalid(
+                key,
+                format!("{text:?} is not a duration ({e}); use e.g. \"10s\" or \"200ms\""),
+            )
+        })
     }
 
     fn addr(&self, key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
@@ -377,20 +390,35 @@ impl Checker<'_> {
 
     fn read(&self, key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
         let full = self.path(path);
-        std::fs::read(&full).map_err(|e| self.invalid(key, format!("cannot read {}: {e}", full.display())))
+        std::fs::read(&full)
+            .map_err(|e| self.invalid(key, format!("cannot read {}: {e}", full.display())))
     }
 
-    fn endpoint(&self, key: &str, value: Option<String>, default: &str) -> Result<String, ConfigError> {
+    fn endpoint(
+        &self,
+        key: &str,
+        value: Option<String>,
+        default: &str,
+    ) -> Result<String, ConfigError> {
         let url = value.unwrap_or_else(|| default.to_owned());
-        let uri: http::Uri = url.parse().map_err(|e| self.invalid(key, format!("{url:?} is not a URL ({e})")))?;
+        let uri: http::Uri =
+            url.parse().map_err(|e| self.invalid(key, format!("{url:?} is not a URL ({e})")))?;
         match uri.scheme_str() {
             Some("http" | "https") if uri.host().is_some() => {}
-            _ => return Err(self.invalid(key, format!("{url:?} must be an http:// or https:// URL"))),
+            _ => {
+                return Err(
+                    self.invalid(key, format!("{url:?} must be an http:// or https:// URL"))
+                );
+            }
         }
         Ok(url.trim_end_matches('/').to_owned())
     }
 
-    fn ca_file(&self, key: &str, path: Option<&Path>) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    fn ca_file(
+        &self,
+        key: &str,
+        path: Option<&Path>,
+    ) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
         let Some(path) = path else { return Ok(Vec::new()) };
         let pem = self.read(key, path)?;
         let certs = rustls_pemfile::certs(&mut pem.as_slice())
@@ -416,8 +444,10 @@ impl Config {
     /// resolved against `base_dir`.
     pub fn from_yaml(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigError> {
         let check = Checker { file, base_dir };
-        let raw: RawConfig = serde_saphyr::from_str(text)
-            .map_err(|e| ConfigError::Parse { file: file.to_owned(), message: one_line(&e.to_string()) })?;
+        let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_owned(),
+            message: one_line(&e.to_string()),
+        })?;
 
         let listen_texts = match raw.listen {
             OneOrMany::One(s) => vec![s],
@@ -445,15 +475,25 @@ impl Config {
         if raw.max_inflight_requests == 0 {
             return Err(check.invalid("max_inflight_requests", "must be at least 1"));
         }
-        let request_deadline = check.duration("request_deadline", raw.request_deadline.as_deref(), "10s")?;
-        let upstream_timeout = check.duration("upstream_timeout", raw.upstream_timeout.as_deref(), "5s")?;
+        let request_deadline =
+            check.duration("request_deadline", raw.request_deadline.as_deref(), "10s")?;
+        let upstream_timeout =
+            check.duration("upstream_timeout", raw.upstream_timeout.as_deref(), "5s")?;
         if request_deadline.is_zero() || upstream_timeout.is_zero() {
             return Err(check.invalid("request_deadline", "timeouts must be greater than zero"));
         }
         let retry = RetryPolicy {
             attempts: raw.retry.attempts.unwrap_or(3),
-            initial_backoff: check.duration("retry.initial_backoff", raw.retry.initial_backoff.as_deref(), "200ms")?,
-            max_backoff: check.duration("retry.max_backoff", raw.retry.max_backoff.as_deref(), "2s")?,
+            initial_backoff: check.duration(
+                "retry.initial_backoff",
+                raw.retry.initial_backoff.as_deref(),
+                "200ms",
+            )?,
+            max_backoff: check.duration(
+                "retry.max_backoff",
+                raw.retry.max_backoff.as_deref(),
+                "2s",
+            )?,
         };
         if retry.attempts == 0 {
             return Err(check.invalid("retry.attempts", "must be at least 1 (1 = no retries)"));
@@ -463,7 +503,9 @@ impl Config {
             format: raw.log.format.unwrap_or(LogFormat::Text),
         };
         if tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
-            return Err(check.invalid("log.level", format!("{:?} is not a log level or filter", log.level)));
+            return Err(
+                check.invalid("log.level", format!("{:?} is not a log level or filter", log.level))
+            );
         }
         match raw.dedup.backend.as_deref() {
             None | Some("memory") => {}
@@ -473,7 +515,11 @@ impl Config {
                     "redis is not available in this build yet; use memory",
                 ));
             }
-            Some(other) => return Err(check.invalid("dedup.backend", format!("{other:?} is not memory or redis"))),
+            Some(other) => {
+                return Err(
+                    check.invalid("dedup.backend", format!("{other:?} is not memory or redis"))
+                );
+            }
         }
         if raw.dedup.redis_url.is_some() {
             return Err(check.invalid("dedup.redis_url", "only used with backend: redis"));
@@ -513,7 +559,11 @@ impl Config {
             upstream_timeout,
             retry,
             max_inflight_requests: raw.max_inflight_requests,
-            shutdown_grace: check.duration("shutdown_grace", raw.shutdown_grace.as_deref(), "10s")?,
+            shutdown_grace: check.duration(
+                "shutdown_grace",
+                raw.shutdown_grace.as_deref(),
+                "10s",
+            )?,
             log,
             dedup,
             proxy,
@@ -552,22 +602,44 @@ fn parse_proxy(check: &Checker<'_>, text: &str) -> Result<ProxyConfig, ConfigErr
 fn apns(check: &Checker<'_>, key: &str, raw: RawApns) -> Result<ApnsConfig, ConfigError> {
     let auth = match (&raw.key_file, &raw.cert_file) {
         (Some(_), Some(_)) => {
-            return Err(check.invalid(key, "set key_file (token auth) or cert_file (certificate auth), not both"));
+            return Err(check.invalid(
+                key,
+                "set key_file (token auth) or cert_file (certificate auth), not both",
+            ));
         }
         (None, None) => {
-            return Err(check.invalid(key, "needs key_file + key_id + team_id (token auth) or cert_file"));
+            return Err(
+                check.invalid(key, "needs key_file + key_id + team_id (token auth) or cert_file")
+            );
         }
         (Some(path), None) => {
-            let key_id = raw.key_id.clone().ok_or_else(|| check.invalid(format!("{key}.key_id"), "required with key_file"))?;
-            let team_id = raw.team_id.clone().ok_or_else(|| check.invalid(format!("{key}.team_id"), "required with key_file"))?;
+            let key_id = raw
+                .key_id
+                .clone()
+                .ok_or_else(|| check.invalid(format!("{key}.key_id"), "required with key_file"))?;
+            let team_id = raw
+                .team_id
+                .clone()
+                .ok_or_else(|| check.invalid(format!("{key}.team_id"), "required with key_file"))?;
             let pem = check.read(&format!("{key}.key_file"), path)?;
             let der = match rustls_pemfile::private_key(&mut pem.as_slice()) {
                 Ok(Some(PrivateKeyDer::Pkcs8(der))) => der.secret_pkcs8_der().to_vec(),
-                _ => return Err(check.invalid(format!("{key}.key_file"), "expected a PKCS#8 EC private key (Apple's .p8 file)")),
+                _ => {
+                    return Err(check.invalid(
+                        format!("{key}.key_file"),
+                        "expected a PKCS#8 EC private key (Apple's .p8 file)",
+                    ));
+                }
             };
             let rng = ring::rand::SystemRandom::new();
-            ring::signature::EcdsaKeyPair::from_pkcs8(&ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING, &der, &rng)
-                .map_err(|_| check.invalid(format!("{key}.key_file"), "not a P-256 (ES256) private key"))?;
+            ring::signature::EcdsaKeyPair::from_pkcs8(
+                &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+                &der,
+                &rng,
+            )
+            .map_err(|_| {
+                check.invalid(format!("{key}.key_file"), "not a P-256 (ES256) private key")
+            })?;
             ApnsAuth::Token { key_pkcs8: der, key_id, team_id }
         }
         (None, Some(path)) => {
@@ -585,7 +657,12 @@ fn apns(check: &Checker<'_>, key: &str, raw: RawApns) -> Result<ApnsConfig, Conf
             let private = rustls_pemfile::private_key(&mut pem.as_slice())
                 .ok()
                 .flatten()
-                .ok_or_else(|| check.invalid(&field, "no PRIVATE KEY block found (put the key in the same PEM file)"))?;
+                .ok_or_else(|| {
+                    check.invalid(
+                        &field,
+                        "no PRIVATE KEY block found (put the key in the same PEM file)",
+                    )
+                })?;
             ApnsAuth::Certificate { chain, key: Arc::new(private) }
         }
     };
@@ -593,7 +670,10 @@ fn apns(check: &Checker<'_>, key: &str, raw: RawApns) -> Result<ApnsConfig, Conf
         None | Some("production") => APNS_PRODUCTION,
         Some("sandbox") => APNS_SANDBOX,
         Some(other) => {
-            return Err(check.invalid(format!("{key}.platform"), format!("{other:?} is not production or sandbox")));
+            return Err(check.invalid(
+                format!("{key}.platform"),
+                format!("{other:?} is not production or sandbox"),
+            ));
         }
     };
     if raw.topic.is_empty() {
@@ -624,7 +704,12 @@ fn fcm(check: &Checker<'_>, key: &str, raw: RawFcm) -> Result<FcmConfig, ConfigE
         .map_err(|e| check.invalid(&field, format!("not a usable service-account key ({e})")))?;
     let project_id = match raw.project_id.or_else(|| account.project_id().map(str::to_owned)) {
         Some(p) if !p.is_empty() => p,
-        _ => return Err(check.invalid(format!("{key}.project_id"), "required: the service account file names none")),
+        _ => {
+            return Err(check.invalid(
+                format!("{key}.project_id"),
+                "required: the service account file names none",
+            ));
+        }
     };
     if raw.max_concurrency == 0 {
         return Err(check.invalid(format!("{key}.max_concurrency"), "must be at least 1"));
@@ -681,7 +766,8 @@ mod tests {
 
     #[test]
     fn listen_accepts_a_list_and_admin_may_equal_listen() {
-        let c = parse("listen: [\"127.0.0.1:1\", \"[::1]:2\"]\nadmin_listen: \"127.0.0.1:1\"\n").unwrap();
+        let c = parse("listen: [\"127.0.0.1:1\", \"[::1]:2\"]\nadmin_listen: \"127.0.0.1:1\"\n")
+            .unwrap();
         assert_eq!(c.listen.len(), 2);
         assert_eq!(c.admin_listen, None);
     }

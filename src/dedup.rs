@@ -54,7 +54,8 @@ pub struct Dedup {
 
 impl Dedup {
     pub fn new(config: &DedupConfig) -> Dedup {
-        let cache = Cache::builder().max_capacity(config.max_entries).time_to_live(config.ttl).build();
+        let cache =
+            Cache::builder().max_capacity(config.max_entries).time_to_live(config.ttl).build();
         Dedup { cache }
     }
 
@@ -126,6 +127,9 @@ mod tests {
         assert_eq!(sends.load(Ordering::SeqCst), 1);
         let sent = [&a, &b, &c].iter().filter(|r| matches!(r, Deduped::Sent(_))).count();
         assert_eq!(sent, 1);
-        assert!([a, b, c].iter().all(|r| matches!(r, Deduped::Sent(Final::Rejected) | Deduped::Known(Final::Rejected))));
+        assert!([a, b, c].iter().all(|r| matches!(
+            r,
+            Deduped::Sent(Final::Rejected) | Deduped::Known(Final::Rejected)
+        )));
     }
 }

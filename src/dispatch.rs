@@ -79,6 +79,8 @@ pub struct Dispatcher {
     retry: RetryPolicy,
     upstream_timeout: Duration,
     metrics: Arc<Metrics>,
+    /// Labels for devices whose app id matches no app (or several globs).
+    unmatched: AppLabels,
 }
 
 impl Dispatcher {
@@ -102,6 +104,7 @@ impl Dispatcher {
             retry: config.retry,
             upstream_timeout: config.upstream_timeout,
             metrics,
+            unmatched: AppLabels { app: "(unmatched)".into(), provider: "none" },
         })
     }
 
@@ -128,13 +131,16 @@ impl Dispatcher {
             Ok(app) => app,
             Err(why) => {
                 warn!(app_id = %d.app_id, pushkey = %pushkey_hash(&d.pushkey), "rejecting pushkey: {why}");
+                self.metrics.device_outcome(&self.unmatched, "rejected");
                 return DeviceResult::Rejected(why.to_owned());
             }
         };
         let result = match app.provider.prepare(n, d) {
             Err(Outcome::Delivered) => DeviceResult::Delivered,
             Err(Outcome::Rejected(why)) => DeviceResult::Rejected(why),
-            Err(Outcome::Failed(why) | Outcome::Retry { reason: why, .. }) => DeviceResult::Failed(why),
+            Err(Outcome::Failed(why) | Outcome::Retry { reason: why, .. }) => {
+                DeviceResult::Failed(why)
+            }
             Ok(prepared) => match &n.event_id {
                 None => self.send(app, &prepared, deadline).await,
                 Some(event_id) => {
@@ -154,13 +160,17 @@ impl Dispatcher {
                     };
                     match self.dedup.run(key, send).await {
                         Deduped::Sent(Final::Delivered) => DeviceResult::Delivered,
-                        Deduped::Sent(Final::Rejected) => DeviceResult::Rejected(rejected_why.unwrap_or_default()),
+                        Deduped::Sent(Final::Rejected) => {
+                            DeviceResult::Rejected(rejected_why.unwrap_or_default())
+                        }
                         Deduped::Known(f) => {
                             self.metrics.dedup_hit();
                             debug!(app = %app.labels.app, pushkey = %pushkey_hash(&d.pushkey), "duplicate answered from dedup");
                             match f {
                                 Final::Delivered => DeviceResult::Delivered,
-                                Final::Rejected => DeviceResult::Rejected("rejected earlier (dedup)".into()),
+                                Final::Rejected => {
+                                    DeviceResult::Rejected("rejected earlier (dedup)".into())
+                                }
                             }
                         }
                         Deduped::Failed(why) => DeviceResult::Failed(why),
@@ -189,10 +199,19 @@ impl Dispatcher {
             if remaining.is_zero() {
                 break;
             }
-            let outcome = match tokio::time::timeout(remaining.min(self.upstream_timeout), app.provider.send(prepared)).await {
+            let outcome = match tokio::time::timeout(
+                remaining.min(self.upstream_timeout),
+                app.provider.send(prepared),
+            )
+            .await
+            {
                 Ok(outcome) => outcome,
                 Err(_) => {
-                    self.metrics.upstream(&app.labels, "timeout", remaining.min(self.upstream_timeout));
+                    self.metrics.upstream(
+                        &app.labels,
+                        "timeout",
+                        remaining.min(self.upstream_timeout),
+                    );
                     Outcome::Retry { after: None, reason: "upstream timed out".into() }
                 }
             };
@@ -235,7 +254,11 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        let p = RetryPolicy { attempts: 5, initial_backoff: Duration::from_millis(100), max_backoff: Duration::from_millis(300) };
+        let p = RetryPolicy {
+            attempts: 5,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(300),
+        };
         for _ in 0..50 {
             let first = backoff(&p, 1);
             assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));

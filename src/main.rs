@@ -152,7 +152,8 @@ async fn send(
     let deadline = tokio::time::Instant::now() + config.request_deadline;
     let dispatcher = Dispatcher::new(&config, std::sync::Arc::new(Metrics::new()))?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis();
-    let data = event_id_only.then(|| json!({ "format": "event_id_only" }).as_object().cloned().unwrap_or_default());
+    let data = event_id_only
+        .then(|| json!({ "format": "event_id_only" }).as_object().cloned().unwrap_or_default());
     let notification = Notification {
         event_id: Some(format!("$herald-test-{now}")),
         room_id: Some("!herald-test:localhost".into()),
@@ -160,8 +161,9 @@ async fn send(
         sender: (!event_id_only).then(|| "@herald:localhost".into()),
         sender_display_name: (!event_id_only).then(|| "herald".into()),
         room_name: (!event_id_only).then(|| "herald test".into()),
-        content: (!event_id_only)
-            .then(|| json!({ "msgtype": "m.text", "body": body }).as_object().cloned().unwrap_or_default()),
+        content: (!event_id_only).then(|| {
+            json!({ "msgtype": "m.text", "body": body }).as_object().cloned().unwrap_or_default()
+        }),
         counts: Counts { unread: Some(1), missed_calls: None },
         devices: vec![Device { app_id, pushkey, data, tweaks: None }],
         ..Notification::default()

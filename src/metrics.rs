@@ -64,10 +64,13 @@ impl Metrics {
             None,
             SharedString::const_str("Notify requests being processed."),
         );
-        let notifications = recorder.register_counter(&Key::from_static_name(NOTIFICATIONS_RECEIVED), &METADATA);
-        let devices = recorder.register_counter(&Key::from_static_name(DEVICES_RECEIVED), &METADATA);
+        let notifications =
+            recorder.register_counter(&Key::from_static_name(NOTIFICATIONS_RECEIVED), &METADATA);
+        let devices =
+            recorder.register_counter(&Key::from_static_name(DEVICES_RECEIVED), &METADATA);
         let dedup_hits = recorder.register_counter(&Key::from_static_name(DEDUP_HITS), &METADATA);
-        let inflight = recorder.register_gauge(&Key::from_static_name(INFLIGHT_REQUESTS), &METADATA);
+        let inflight =
+            recorder.register_gauge(&Key::from_static_name(INFLIGHT_REQUESTS), &METADATA);
         Metrics { recorder, handle, notifications, devices, dedup_hits, inflight }
     }
 
@@ -93,14 +96,21 @@ impl Metrics {
     /// A device's final outcome: `delivered`, `rejected` or `failed`.
     pub fn device_outcome(&self, app: &AppLabels, outcome: &'static str) {
         let labels = app_labels(app).chain([Label::from_static_parts("outcome", outcome)]);
-        self.recorder.register_counter(&Key::from_parts(DEVICE_OUTCOMES, labels.collect::<Vec<_>>()), &METADATA).increment(1);
+        self.recorder
+            .register_counter(
+                &Key::from_parts(DEVICE_OUTCOMES, labels.collect::<Vec<_>>()),
+                &METADATA,
+            )
+            .increment(1);
     }
 
     /// One upstream attempt's answer (`200`, `410`, … or `error`/`timeout`) and its latency.
     pub fn upstream(&self, app: &AppLabels, status: &str, elapsed: Duration) {
         let status = Label::new("status", status.to_owned());
         let counter_labels: Vec<_> = app_labels(app).chain([status]).collect();
-        self.recorder.register_counter(&Key::from_parts(UPSTREAM_RESPONSES, counter_labels), &METADATA).increment(1);
+        self.recorder
+            .register_counter(&Key::from_parts(UPSTREAM_RESPONSES, counter_labels), &METADATA)
+            .increment(1);
         let hist_labels: Vec<_> = app_labels(app).collect();
         self.recorder
             .register_histogram(&Key::from_parts(UPSTREAM_DURATION, hist_labels), &METADATA)
@@ -123,7 +133,8 @@ impl Default for Metrics {
 }
 
 fn app_labels(app: &AppLabels) -> impl Iterator<Item = Label> {
-    [Label::new("app", app.app.to_string()), Label::from_static_parts("provider", app.provider)].into_iter()
+    [Label::new("app", app.app.to_string()), Label::from_static_parts("provider", app.provider)]
+        .into_iter()
 }
 
 #[cfg(test)]

@@ -133,7 +133,8 @@ impl Device {
 
     /// `data.format == "event_id_only"`.
     pub fn event_id_only(&self) -> bool {
-        self.data.as_ref().and_then(|d| d.get("format")).and_then(Value::as_str) == Some("event_id_only")
+        self.data.as_ref().and_then(|d| d.get("format")).and_then(Value::as_str)
+            == Some("event_id_only")
     }
 
     /// `tweaks.sound` when it is a string.
@@ -251,13 +252,24 @@ mod tests {
         assert!(bad(r#"{"notification":{"devices":[]}}"#).contains("notification.devices"));
         assert!(bad(r#"{"notification":{"devices":{}}}"#).contains("notification.devices"));
         assert!(bad(r#"{"notification":{"devices":[{"pushkey":"k"}]}}"#).contains("app_id"));
-        assert!(bad(r#"{"notification":{"devices":[{"app_id":1,"pushkey":"k"}]}}"#).contains("devices[0].app_id"));
+        assert!(
+            bad(r#"{"notification":{"devices":[{"app_id":1,"pushkey":"k"}]}}"#)
+                .contains("devices[0].app_id")
+        );
         assert!(bad(r#"{"notification":{"devices":[{"app_id":"a","pushkey":"k"}],"counts":{"unread":"2"}}}"#)
-            .contains("counts.unread"));
-        assert!(bad(r#"{"notification":{"devices":[{"app_id":"a","pushkey":"k","tweaks":[]}]}}"#)
-            .contains("tweaks"));
-        assert!(bad(r#"{"notification":{"devices":[{"app_id":"a","pushkey":"k","data":"x"}]}}"#).contains("data"));
-        assert!(bad(r#"{"notification":{"devices":[{"app_id":"a","pushkey":"k"}],"prio":5}}"#).contains("prio"));
+            .contains("counts: unread"));
+        assert!(
+            bad(r#"{"notification":{"devices":[{"app_id":"a","pushkey":"k","tweaks":[]}]}}"#)
+                .contains("tweaks")
+        );
+        assert!(
+            bad(r#"{"notification":{"devices":[{"app_id":"a","pushkey":"k","data":"x"}]}}"#)
+                .contains("data")
+        );
+        assert!(
+            bad(r#"{"notification":{"devices":[{"app_id":"a","pushkey":"k"}],"prio":5}}"#)
+                .contains("prio")
+        );
     }
 
     #[test]

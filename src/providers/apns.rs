@@ -80,7 +80,8 @@ impl Apns {
         };
         let client = super::http::client(&config.upstream, proxy, identity, Protocol::Http2Only)?;
         let header = |v: &str, what: &str| {
-            HeaderValue::from_str(v).map_err(|_| format!("{what} {v:?} is not a valid header value"))
+            HeaderValue::from_str(v)
+                .map_err(|_| format!("{what} {v:?} is not a valid header value"))
         };
         Ok(Apns {
             client,
@@ -111,7 +112,8 @@ impl Apns {
             return Outcome::Failed("provider is shutting down".into());
         };
         let jwt = self.signer.as_ref().map(TokenSigner::token);
-        let expiration = (SystemTime::now() + EXPIRATION).duration_since(UNIX_EPOCH).unwrap_or_default();
+        let expiration =
+            (SystemTime::now() + EXPIRATION).duration_since(UNIX_EPOCH).unwrap_or_default();
         let mut builder = Request::builder()
             .method(Method::POST)
             .uri(format!("{}/3/device/{}", self.base_url, r.token))
@@ -160,9 +162,9 @@ impl Apns {
 pub fn device_token(pushkey: &str, convert_to_hex: bool) -> Result<String, Outcome> {
     if convert_to_hex {
         let trimmed = pushkey.trim_end_matches('=');
-        let bytes = STANDARD_NO_PAD
-            .decode(trimmed)
-            .map_err(|_| Outcome::Rejected("pushkey is not base64 (convert_device_token_to_hex is on)".into()))?;
+        let bytes = STANDARD_NO_PAD.decode(trimmed).map_err(|_| {
+            Outcome::Rejected("pushkey is not base64 (convert_device_token_to_hex is on)".into())
+        })?;
         if bytes.is_empty() {
             return Err(Outcome::Rejected("pushkey is empty".into()));
         }
@@ -177,8 +179,9 @@ pub fn device_token(pushkey: &str, convert_to_hex: bool) -> Result<String, Outco
 /// The JSON payload for one device, or `None` when there is nothing to show or count.
 pub fn build_payload(n: &Notification, d: &Device, send_badge_counts: bool) -> Option<Value> {
     let mut payload: Map<String, Value> = d.default_payload().cloned().unwrap_or_default();
-    let badge = (send_badge_counts && (n.counts.unread.is_some() || n.counts.missed_calls.is_some()))
-        .then(|| n.counts.badge());
+    let badge = (send_badge_counts
+        && (n.counts.unread.is_some() || n.counts.missed_calls.is_some()))
+    .then(|| n.counts.badge());
 
     if n.event_id.is_some() && (n.event_type.is_none() || d.event_id_only()) {
         // event_id_only: the app's notification service extension fetches the event itself.
@@ -247,11 +250,17 @@ fn alert(n: &Notification) -> Option<(&'static str, Vec<String>)> {
             let body = text("body").map(str::to_owned);
             let msgtype = text("msgtype");
             Some(match (msgtype, body, room) {
-                (Some("m.image"), Some(b), Some(r)) => ("IMAGE_FROM_USER_IN_ROOM", vec![from, b, r]),
+                (Some("m.image"), Some(b), Some(r)) => {
+                    ("IMAGE_FROM_USER_IN_ROOM", vec![from, b, r])
+                }
                 (Some("m.image"), Some(b), None) => ("IMAGE_FROM_USER", vec![from, b]),
-                (Some("m.emote"), Some(b), Some(r)) => ("ACTION_FROM_USER_IN_ROOM", vec![r, from, b]),
+                (Some("m.emote"), Some(b), Some(r)) => {
+                    ("ACTION_FROM_USER_IN_ROOM", vec![r, from, b])
+                }
                 (Some("m.emote"), Some(b), None) => ("ACTION_FROM_USER", vec![from, b]),
-                (Some(_), Some(b), Some(r)) => ("MSG_FROM_USER_IN_ROOM_WITH_CONTENT", vec![from, r, b]),
+                (Some(_), Some(b), Some(r)) => {
+                    ("MSG_FROM_USER_IN_ROOM_WITH_CONTENT", vec![from, r, b])
+                }
                 (Some(_), Some(b), None) => ("MSG_FROM_USER_WITH_CONTENT", vec![from, b]),
                 (_, _, Some(r)) => ("MSG_FROM_USER_IN_ROOM", vec![from, r]),
                 (_, _, None) => ("MSG_FROM_USER", vec![from]),
@@ -290,10 +299,16 @@ pub fn map_response(status: StatusCode, body: &[u8], after: Option<Duration>) ->
     match status.as_u16() {
         200 => Outcome::Delivered,
         410 => Outcome::Rejected(described()),
-        400 if matches!(reason.as_str(), "BadDeviceToken" | "DeviceTokenNotForTopic" | "TopicDisallowed") => {
+        400 if matches!(
+            reason.as_str(),
+            "BadDeviceToken" | "DeviceTokenNotForTopic" | "TopicDisallowed"
+        ) =>
+        {
             Outcome::Rejected(described())
         }
-        403 if reason == "ExpiredProviderToken" => Outcome::Retry { after: Some(Duration::ZERO), reason: described() },
+        403 if reason == "ExpiredProviderToken" => {
+            Outcome::Retry { after: Some(Duration::ZERO), reason: described() }
+        }
         429 => Outcome::Retry { after, reason: described() },
         500..=599 => Outcome::Retry { after, reason: described() },
         _ => Outcome::Failed(described()),
@@ -353,10 +368,12 @@ impl TokenSigner {
     fn sign(&self) -> String {
         let iat = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let claims = json!({ "iss": self.team_id, "iat": iat });
-        let signing_input = format!("{}.{}", self.header_b64, URL_SAFE_NO_PAD.encode(claims.to_string()));
+        let signing_input =
+            format!("{}.{}", self.header_b64, URL_SAFE_NO_PAD.encode(claims.to_string()));
         // Signing with a valid key only fails if the system RNG does; an unsigned token would
         // then be refused by APNs as InvalidProviderToken, which maps to Failed.
-        let signature = self.key.sign(&self.rng, signing_input.as_bytes()).map(|s| URL_SAFE_NO_PAD.encode(s));
+        let signature =
+            self.key.sign(&self.rng, signing_input.as_bytes()).map(|s| URL_SAFE_NO_PAD.encode(s));
         format!("{signing_input}.{}", signature.unwrap_or_default())
     }
 }
@@ -381,7 +398,10 @@ mod tests {
 
     #[test]
     fn counts_only_is_a_bare_badge() {
-        let n = Notification { counts: Counts { unread: Some(2), missed_calls: Some(1) }, ..Default::default() };
+        let n = Notification {
+            counts: Counts { unread: Some(2), missed_calls: Some(1) },
+            ..Default::default()
+        };
         assert_eq!(build_payload(&n, &device(), true), Some(json!({"aps": {"badge": 3}})));
         assert_eq!(build_payload(&n, &device(), false), None);
     }
@@ -395,7 +415,9 @@ mod tests {
             sender: Some("@bob:x".into()),
             sender_display_name: Some("Bob".into()),
             room_name: Some("Lunch".into()),
-            content: Some(json!({"msgtype": "m.text", "body": "pizza?"}).as_object().unwrap().clone()),
+            content: Some(
+                json!({"msgtype": "m.text", "body": "pizza?"}).as_object().unwrap().clone(),
+            ),
             ..Default::default()
         };
         let p = build_payload(&n, &device(), true).unwrap();
@@ -407,7 +429,9 @@ mod tests {
 
     #[test]
     fn response_table() {
-        let r = |s: u16, body: &str| map_response(StatusCode::from_u16(s).unwrap(), body.as_bytes(), None);
+        let r = |s: u16, body: &str| {
+            map_response(StatusCode::from_u16(s).unwrap(), body.as_bytes(), None)
+        };
         assert_eq!(r(200, ""), Outcome::Delivered);
         assert!(matches!(r(410, r#"{"reason":"Unregistered"}"#), Outcome::Rejected(_)));
         for reason in ["BadDeviceToken", "DeviceTokenNotForTopic", "TopicDisallowed"] {

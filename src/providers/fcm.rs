@@ -69,7 +69,10 @@ impl Fcm {
         let client = super::http::client(&config.upstream, proxy, None, Protocol::Any)?;
         Ok(Fcm {
             client,
-            send_url: format!("{}/v1/projects/{}/messages:send", config.upstream.base_url, config.project_id),
+            send_url: format!(
+                "{}/v1/projects/{}/messages:send",
+                config.upstream.base_url, config.project_id
+            ),
             tokens: TokenSource::new(config.service_account_json.clone()),
             notification: config.notification,
             android: config.android.clone(),
@@ -199,7 +202,8 @@ pub fn build_message(
     fit_json(&mut data, MAX_DATA, PROTECTED);
 
     let mut android_block = Map::new();
-    android_block.insert("priority".into(), (if n.prio == Prio::Low { "NORMAL" } else { "HIGH" }).into());
+    android_block
+        .insert("priority".into(), (if n.prio == Prio::Low { "NORMAL" } else { "HIGH" }).into());
     for (k, v) in android {
         android_block.insert(k.clone(), v.clone());
     }
@@ -227,18 +231,24 @@ pub fn build_message(
 }
 
 /// Maps an FCM v1 answer to an [`Outcome`] (DESIGN §3's table).
-pub fn map_response(status: StatusCode, body: &[u8], after: Option<std::time::Duration>) -> Outcome {
+pub fn map_response(
+    status: StatusCode,
+    body: &[u8],
+    after: Option<std::time::Duration>,
+) -> Outcome {
     let error: Value = serde_json::from_slice::<Value>(body)
         .ok()
         .and_then(|v| v.get("error").cloned())
         .unwrap_or(Value::Null);
     let rpc_status = error.get("status").and_then(Value::as_str).unwrap_or_default();
-    let details = error.get("details").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
-    let error_code = details.iter().find_map(|d| d.get("errorCode").and_then(Value::as_str)).unwrap_or_default();
+    let details =
+        error.get("details").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    let error_code =
+        details.iter().find_map(|d| d.get("errorCode").and_then(Value::as_str)).unwrap_or_default();
     let about_token = details.iter().any(|d| {
-        d.get("fieldViolations")
-            .and_then(Value::as_array)
-            .is_some_and(|fv| fv.iter().any(|f| f.get("field").and_then(Value::as_str) == Some("message.token")))
+        d.get("fieldViolations").and_then(Value::as_array).is_some_and(|fv| {
+            fv.iter().any(|f| f.get("field").and_then(Value::as_str) == Some("message.token"))
+        })
     }) || error
         .get("message")
         .and_then(Value::as_str)
@@ -247,12 +257,16 @@ pub fn map_response(status: StatusCode, body: &[u8], after: Option<std::time::Du
     let described = || format!("FCM {} {}", status.as_u16(), code).trim_end().to_owned();
     match status.as_u16() {
         200 => Outcome::Delivered,
-        404 if matches!(error_code, "UNREGISTERED") || rpc_status == "NOT_FOUND" => Outcome::Rejected(described()),
+        404 if matches!(error_code, "UNREGISTERED") || rpc_status == "NOT_FOUND" => {
+            Outcome::Rejected(described())
+        }
         400 if rpc_status == "INVALID_ARGUMENT" && about_token => Outcome::Rejected(described()),
         403 if error_code == "SENDER_ID_MISMATCH" => Outcome::Rejected(described()),
         401 => Outcome::Retry { after: Some(std::time::Duration::ZERO), reason: described() },
         429 | 500..=599 => Outcome::Retry { after, reason: described() },
-        _ if matches!(rpc_status, "UNAVAILABLE" | "INTERNAL") => Outcome::Retry { after, reason: described() },
+        _ if matches!(rpc_status, "UNAVAILABLE" | "INTERNAL") => {
+            Outcome::Retry { after, reason: described() }
+        }
         _ => Outcome::Failed(described()),
     }
 }
@@ -316,7 +330,12 @@ mod tests {
             room_id: Some("!r".into()),
             event_type: Some("m.room.message".into()),
             counts: Counts { unread: Some(0), missed_calls: None },
-            content: Some(json!({"body": "x".repeat(5000), "msgtype": "m.text", "n": 3}).as_object().unwrap().clone()),
+            content: Some(
+                json!({"body": "x".repeat(5000), "msgtype": "m.text", "n": 3})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+            ),
             ..Default::default()
         };
         let m = build_message(&n, &device(), true, false, &Map::new());
@@ -332,22 +351,34 @@ mod tests {
     #[test]
     fn response_table() {
         let err = |code: u16, status: &str, details: Value| {
-            json!({"error": {"code": code, "message": "m", "status": status, "details": details}}).to_string()
+            json!({"error": {"code": code, "message": "m", "status": status, "details": details}})
+                .to_string()
         };
-        let r = |s: u16, body: String| map_response(StatusCode::from_u16(s).unwrap(), body.as_bytes(), None);
+        let r = |s: u16, body: String| {
+            map_response(StatusCode::from_u16(s).unwrap(), body.as_bytes(), None)
+        };
         assert_eq!(r(200, "{}".into()), Outcome::Delivered);
         let fcm = |c: &str| json!([{"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError", "errorCode": c}]);
         assert!(matches!(r(404, err(404, "NOT_FOUND", fcm("UNREGISTERED"))), Outcome::Rejected(_)));
         let token_violation = json!([{"@type": "type.googleapis.com/google.rpc.BadRequest",
             "fieldViolations": [{"field": "message.token", "description": "bad"}]}]);
-        assert!(matches!(r(400, err(400, "INVALID_ARGUMENT", token_violation)), Outcome::Rejected(_)));
+        assert!(matches!(
+            r(400, err(400, "INVALID_ARGUMENT", token_violation)),
+            Outcome::Rejected(_)
+        ));
         let data_violation = json!([{"@type": "type.googleapis.com/google.rpc.BadRequest",
             "fieldViolations": [{"field": "message.data", "description": "bad"}]}]);
         assert!(matches!(r(400, err(400, "INVALID_ARGUMENT", data_violation)), Outcome::Failed(_)));
-        assert!(matches!(r(403, err(403, "PERMISSION_DENIED", fcm("SENDER_ID_MISMATCH"))), Outcome::Rejected(_)));
+        assert!(matches!(
+            r(403, err(403, "PERMISSION_DENIED", fcm("SENDER_ID_MISMATCH"))),
+            Outcome::Rejected(_)
+        ));
         assert!(matches!(r(403, err(403, "PERMISSION_DENIED", json!([]))), Outcome::Failed(_)));
         assert!(matches!(r(401, err(401, "UNAUTHENTICATED", json!([]))), Outcome::Retry { .. }));
-        assert!(matches!(r(429, err(429, "RESOURCE_EXHAUSTED", fcm("QUOTA_EXCEEDED"))), Outcome::Retry { .. }));
+        assert!(matches!(
+            r(429, err(429, "RESOURCE_EXHAUSTED", fcm("QUOTA_EXCEEDED"))),
+            Outcome::Retry { .. }
+        ));
         assert!(matches!(r(503, err(503, "UNAVAILABLE", json!([]))), Outcome::Retry { .. }));
         assert!(matches!(r(500, "oops".into()), Outcome::Retry { .. }));
     }

@@ -60,9 +60,11 @@ pub fn tls_config(
     .with_root_certificates(roots);
     match identity {
         None => Ok(builder.with_no_client_auth()),
-        Some(id) => builder
-            .with_client_auth_cert(id.chain.to_vec(), id.key.clone_key())
-            .map_err(|e| format!("cert_file: certificate and key do not form a usable identity ({e})")),
+        Some(id) => {
+            builder.with_client_auth_cert(id.chain.to_vec(), id.key.clone_key()).map_err(|e| {
+                format!("cert_file: certificate and key do not form a usable identity ({e})")
+            })
+        }
     }
 }
 

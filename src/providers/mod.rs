@@ -44,6 +44,8 @@ pub enum Prepared {
 }
 
 /// One configured app's adapter.
+// Built once per app at startup and kept behind an `Arc`: variant size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Provider {
     Apns(apns::Apns),
     Fcm(fcm::Fcm),
@@ -74,9 +76,9 @@ impl Provider {
         let err = |message: String| BuildError { app: app.pattern.clone(), message };
         let labels = |provider| AppLabels { app: app.pattern.as_str().into(), provider };
         Ok(match &app.kind {
-            AppKind::Apns(c) => {
-                Provider::Apns(apns::Apns::new(c, proxy, labels("apns"), metrics.clone()).map_err(err)?)
-            }
+            AppKind::Apns(c) => Provider::Apns(
+                apns::Apns::new(c, proxy, labels("apns"), metrics.clone()).map_err(err)?,
+            ),
             AppKind::Fcm(c) => {
                 Provider::Fcm(fcm::Fcm::new(c, proxy, labels("fcm"), metrics.clone()).map_err(err)?)
             }
@@ -169,15 +171,11 @@ fn longest_string<'a>(value: &'a mut Value, protected: &[&str]) -> Option<&'a mu
     let mut stack: Vec<&'a mut Value> = vec![value];
     while let Some(v) = stack.pop() {
         match v {
-            Value::String(s) => {
-                if best.as_ref().is_none_or(|b| s.len() > b.len()) {
-                    best = Some(s);
-                }
-            }
+            Value::String(s) if best.as_ref().is_none_or(|b| s.len() > b.len()) => best = Some(s),
             Value::Array(items) => stack.extend(items.iter_mut()),
-            Value::Object(map) => {
-                stack.extend(map.iter_mut().filter(|(k, _)| !protected.contains(&k.as_str())).map(|(_, v)| v))
-            }
+            Value::Object(map) => stack.extend(
+                map.iter_mut().filter(|(k, _)| !protected.contains(&k.as_str())).map(|(_, v)| v),
+            ),
             _ => {}
         }
     }

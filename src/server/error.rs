@@ -67,7 +67,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut body = json!({ "errcode": self.errcode(), "error": self.to_string() });
         match &self {
-            ApiError::LimitExceeded { retry_after_ms } => body["retry_after_ms"] = json!(retry_after_ms),
+            ApiError::LimitExceeded { retry_after_ms } => {
+                body["retry_after_ms"] = json!(retry_after_ms)
+            }
             ApiError::Undelivered { rejected, .. } => body["rejected"] = json!(rejected),
             _ => {}
         }

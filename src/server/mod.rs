@@ -22,7 +22,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 use tower_http::trace::TraceLayer;
 use tracing::{error, info_span};
 
@@ -50,7 +52,11 @@ pub fn router(state: AppState, with_metrics: bool) -> Router {
         .route(NOTIFY_PATH, only(post(notify::notify), "POST"))
         .route("/health", only(get(admin::health), "GET, HEAD"))
         .route("/ready", only(get(admin::ready), "GET, HEAD"));
-    let routes = if with_metrics { routes.route("/metrics", only(get(admin::metrics), "GET, HEAD")) } else { routes };
+    let routes = if with_metrics {
+        routes.route("/metrics", only(get(admin::metrics), "GET, HEAD"))
+    } else {
+        routes
+    };
     layered(routes, state)
 }
 

@@ -28,7 +28,11 @@ pub async fn notify(State(state): State<AppState>, request: Request) -> Response
     response
 }
 
-async fn handle(state: &AppState, request: Request, started: Instant) -> Result<NotifyResponse, ApiError> {
+async fn handle(
+    state: &AppState,
+    request: Request,
+    started: Instant,
+) -> Result<NotifyResponse, ApiError> {
     let Ok(_permit) = Arc::clone(&state.inflight).try_acquire_owned() else {
         return Err(ApiError::LimitExceeded { retry_after_ms: 1000 });
     };

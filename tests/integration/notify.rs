@@ -6,7 +6,9 @@ use serde_json::json;
 use crate::support::gateway::{Settings, TestGateway, log_app, message};
 
 async fn gateway() -> TestGateway {
-    let apps = [log_app("im.example.debug"), log_app("*.glob"), log_app("a.*.twice"), log_app("a.b.*")].concat();
+    let apps =
+        [log_app("im.example.debug"), log_app("*.glob"), log_app("a.*.twice"), log_app("a.b.*")]
+            .concat();
     TestGateway::start(&Settings { apps, ..Settings::default() }).await
 }
 
@@ -25,7 +27,12 @@ async fn app_lookup_exact_then_single_glob_else_rejected() {
     let gw = gateway().await;
     let body = message(
         "$2",
-        &[("im.example.debug", "exact"), ("x.glob", "glob"), ("unknown.app", "nobody"), ("a.b.twice", "ambiguous")],
+        &[
+            ("im.example.debug", "exact"),
+            ("x.glob", "glob"),
+            ("unknown.app", "nobody"),
+            ("a.b.twice", "ambiguous"),
+        ],
     );
     let r = gw.notify(&body).await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.json);
@@ -36,7 +43,9 @@ async fn app_lookup_exact_then_single_glob_else_rejected() {
 async fn not_json_is_m_not_json() {
     let gw = gateway().await;
     for body in ["{", "hello", r#"{"notification": NaN}"#, r#"{"notification": Infinity}"#, ""] {
-        let r = gw.request(Method::POST, &gw.url("/_matrix/push/v1/notify"), body.as_bytes().to_vec()).await;
+        let r = gw
+            .request(Method::POST, &gw.url("/_matrix/push/v1/notify"), body.as_bytes().to_vec())
+            .await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}");
         assert_eq!(r.errcode(), "M_NOT_JSON", "{body}");
     }
@@ -56,12 +65,24 @@ async fn wrong_shapes_are_m_bad_json_naming_the_field() {
         (json!({"notification": {"devices": "x"}}), "notification.devices"),
         (json!({"notification": {"devices": [{"pushkey": "k"}]}}), "app_id"),
         (json!({"notification": {"devices": [{"app_id": "a"}]}}), "pushkey"),
-        (json!({"notification": {"devices": [{"app_id": "a", "pushkey": 7}]}}), "notification.devices[0].pushkey"),
+        (
+            json!({"notification": {"devices": [{"app_id": "a", "pushkey": 7}]}}),
+            "notification.devices[0].pushkey",
+        ),
         (json!({"notification": {"devices": [device], "counts": []}}), "notification.counts"),
-        (json!({"notification": {"devices": [device], "counts": {"unread": -1}}}), "notification.counts: unread"),
+        (
+            json!({"notification": {"devices": [device], "counts": {"unread": -1}}}),
+            "notification.counts: unread",
+        ),
         (json!({"notification": {"devices": [device], "prio": 1}}), "notification.prio"),
-        (json!({"notification": {"devices": [{"app_id": "a", "pushkey": "k", "tweaks": "loud"}]}}), "tweaks"),
-        (json!({"notification": {"devices": [{"app_id": "a", "pushkey": "k", "data": []}]}}), "data"),
+        (
+            json!({"notification": {"devices": [{"app_id": "a", "pushkey": "k", "tweaks": "loud"}]}}),
+            "tweaks",
+        ),
+        (
+            json!({"notification": {"devices": [{"app_id": "a", "pushkey": "k", "data": []}]}}),
+            "data",
+        ),
     ];
     for (body, field) in cases {
         let r = gw.notify(&body).await;
@@ -84,17 +105,30 @@ async fn unknown_fields_and_lenient_ids_are_accepted() {
 #[tokio::test]
 async fn oversized_body_is_413_whether_declared_or_streamed() {
     let gw = gateway().await;
-    let big = format!(r#"{{"notification":{{"devices":[{{"app_id":"im.example.debug","pushkey":"{}"}}]}}}}"#, "k".repeat(70_000));
-    let r = gw.request(Method::POST, &gw.url("/_matrix/push/v1/notify"), big.clone().into_bytes()).await;
+    let big = format!(
+        r#"{{"notification":{{"devices":[{{"app_id":"im.example.debug","pushkey":"{}"}}]}}}}"#,
+        "k".repeat(70_000)
+    );
+    let r = gw
+        .request(Method::POST, &gw.url("/_matrix/push/v1/notify"), big.clone().into_bytes())
+        .await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(r.errcode(), "M_TOO_LARGE");
 
     // Chunked: no Content-Length, so the limit is enforced while reading.
     let stream = futures_util::stream::iter(
-        big.into_bytes().chunks(8192).map(|c| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(bytes::Bytes::copy_from_slice(c)))).collect::<Vec<_>>(),
+        big.into_bytes()
+            .chunks(8192)
+            .map(|c| {
+                Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                    bytes::Bytes::copy_from_slice(c),
+                ))
+            })
+            .collect::<Vec<_>>(),
     );
     let body = http_body_util::StreamBody::new(stream);
-    let chunked = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let chunked = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
     let req = http::Request::post(gw.url("/_matrix/push/v1/notify")).body(body).unwrap();
     let resp = chunked.request(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
@@ -125,7 +159,10 @@ async fn health_ready_on_both_listeners_metrics_on_admin_only() {
     for url in [gw.url("/ready"), gw.admin_url("/ready")] {
         assert_eq!(gw.request(Method::GET, &url, Vec::new()).await.status, StatusCode::OK);
     }
-    assert_eq!(gw.request(Method::GET, &gw.url("/metrics"), Vec::new()).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        gw.request(Method::GET, &gw.url("/metrics"), Vec::new()).await.status,
+        StatusCode::NOT_FOUND
+    );
     assert!(gw.metrics().await.contains("herald_notifications_received_total"));
 }
 
@@ -149,4 +186,33 @@ async fn metrics_count_notifications_devices_and_outcomes() {
         "{text}"
     );
     assert!(text.contains(r#"herald_notify_duration_seconds_count{status="200"} 1"#), "{text}");
+}
+
+#[tokio::test]
+async fn metrics_text_matches_the_golden_file() {
+    let gw = gateway().await;
+    gw.notify(&message("$g1", &[("im.example.debug", "a"), ("x.glob", "b"), ("nobody", "c")]))
+        .await;
+    gw.notify(&message("$g1", &[("im.example.debug", "a")])).await;
+    gw.request(Method::POST, &gw.url("/_matrix/push/v1/notify"), b"{".to_vec()).await;
+    // Durations vary run to run: keep the HELP/TYPE lines, counters, gauges and histogram counts.
+    let mut lines: Vec<String> = gw
+        .metrics()
+        .await
+        .lines()
+        .filter(|l| !l.is_empty() && !l.contains("_bucket{") && !l.contains("_sum"))
+        .map(str::to_owned)
+        .collect();
+    lines.sort();
+    let actual = lines.join("\n") + "\n";
+    let path = crate::support::gateway::fixture("metrics.txt");
+    if std::env::var_os("HERALD_BLESS").is_some() {
+        std::fs::write(&path, &actual).unwrap();
+    }
+    assert_eq!(
+        actual,
+        std::fs::read_to_string(&path).unwrap(),
+        "/metrics differs from {}",
+        path.display()
+    );
 }

@@ -81,7 +81,14 @@ pub fn log_app(app_id: &str) -> String {
 }
 
 /// A token-auth APNs app aimed at `fake`, trusting `ca`; writes the key under `dir`.
-pub fn apns_app(app_id: &str, dir: &Path, fake: &FakeApns, ca: &TestCa, p8_pem: &str, extra: &str) -> String {
+pub fn apns_app(
+    app_id: &str,
+    dir: &Path,
+    fake: &FakeApns,
+    ca: &TestCa,
+    p8_pem: &str,
+    extra: &str,
+) -> String {
     let key = write_file(dir, &format!("{app_id}.p8"), p8_pem);
     let ca_file = write_file(dir, "ca.pem", ca.cert_pem());
     format!(
@@ -118,8 +125,13 @@ pub struct TestGateway {
 
 impl TestGateway {
     pub async fn start(settings: &Settings) -> TestGateway {
-        let config = herald::Config::from_yaml(&settings.yaml(), "test.yaml", Path::new("."))
-            .unwrap_or_else(|e| panic!("test config is invalid: {e}\n{}", settings.yaml()));
+        TestGateway::start_yaml(&settings.yaml()).await
+    }
+
+    /// Boots from a whole YAML text (for settings `Settings` does not cover).
+    pub async fn start_yaml(yaml: &str) -> TestGateway {
+        let config = herald::Config::from_yaml(yaml, "test.yaml", Path::new("."))
+            .unwrap_or_else(|e| panic!("test config is invalid: {e}\n{yaml}"));
         let app = herald::App::build(config).await.expect("app builds");
         let addr = app.addrs()[0];
         let admin_addr = app.admin_addr();
@@ -140,7 +152,12 @@ impl TestGateway {
 
     /// POSTs a notify body; returns status, parsed JSON body and headers.
     pub async fn notify(&self, body: &Value) -> Reply {
-        self.request(Method::POST, &self.url("/_matrix/push/v1/notify"), body.to_string().into_bytes()).await
+        self.request(
+            Method::POST,
+            &self.url("/_matrix/push/v1/notify"),
+            body.to_string().into_bytes(),
+        )
+        .await
     }
 
     pub async fn request(&self, method: Method, url: &str, body: Vec<u8>) -> Reply {
@@ -205,7 +222,12 @@ pub fn client() -> Client<HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
-pub async fn send(client: &Client<HttpConnector, Full<Bytes>>, method: Method, url: &str, body: Vec<u8>) -> Reply {
+pub async fn send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    method: Method,
+    url: &str,
+    body: Vec<u8>,
+) -> Reply {
     let request = Request::builder()
         .method(method)
         .uri(url)
@@ -265,7 +287,8 @@ pub fn assert_golden(name: &str, actual: &Value) {
     if std::env::var_os("HERALD_BLESS").is_some() {
         std::fs::write(&path, serde_json::to_string_pretty(actual).unwrap() + "\n").unwrap();
     }
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("golden file {}: {e}", path.display()));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("golden file {}: {e}", path.display()));
     let expected: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(
         actual,

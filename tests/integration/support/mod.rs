@@ -1,0 +1,11 @@
+//! Test support for the integration test binary: loopback fakes of the real
+//! upstreams (APNs, FCM + Google OAuth2) speaking the real protocols, and the
+//! TLS material they need.
+#![allow(dead_code)]
+
+pub mod fake_apns;
+pub mod fake_fcm;
+pub mod gateway;
+pub mod proxy;
+pub mod server;
+pub mod tls;
