@@ -788,6 +788,37 @@ mod tests {
     }
 
     #[test]
+    fn apns_platform_picks_apples_host_unless_an_endpoint_is_set() {
+        let dir = std::env::temp_dir().join(format!("herald-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &rng,
+        )
+        .unwrap();
+        let pem = format!(
+            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pkcs8.as_ref())
+        );
+        std::fs::write(dir.join("k.p8"), pem).unwrap();
+        let base = |extra: &str| {
+            let yaml = format!(
+                "apps:\n  x:\n    type: apns\n    topic: t\n    key_file: k.p8\n    key_id: K\n    team_id: T\n{extra}"
+            );
+            let c = Config::from_yaml(&yaml, "gateway.yaml", &dir).unwrap();
+            match &c.apps[0].kind {
+                AppKind::Apns(a) => a.upstream.base_url.clone(),
+                _ => unreachable!(),
+            }
+        };
+        assert_eq!(base(""), APNS_PRODUCTION);
+        assert_eq!(base("    platform: sandbox\n"), APNS_SANDBOX);
+        assert_eq!(base("    endpoint: \"http://127.0.0.1:9/\"\n"), "http://127.0.0.1:9");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn missing_key_file_names_path() {
         let e = parse("apps:\n  x:\n    type: apns\n    topic: t\n    key_file: /nonexistent.p8\n    key_id: K\n    team_id: T\n")
             .unwrap_err()

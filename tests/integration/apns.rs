@@ -386,3 +386,21 @@ async fn a_proxy_refusing_credentials_is_a_failure() {
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
     assert_eq!(fake.request_count(), 0);
 }
+
+#[tokio::test]
+async fn http_endpoint_speaks_h2c_with_prior_knowledge() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fake, p8) = FakeApns::start_token_auth_h2c(APNS_TEAM_ID, APNS_KEY_ID).await;
+    let key = write_file(dir.path(), "key.p8", &p8);
+    let apps = format!(
+        "  {APP}:\n    type: apns\n    key_file: {}\n    key_id: {APNS_KEY_ID}\n    team_id: {APNS_TEAM_ID}\n    topic: {APP}\n    endpoint: {}\n",
+        key.display(),
+        fake.url()
+    );
+    assert!(fake.url().starts_with("http://"));
+    let gw = TestGateway::start(&Settings { apps, ..Settings::default() }).await;
+    let (k, _) = token(84);
+    let r = gw.notify(&message("$h2c", &[(APP, &k)])).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.json);
+    assert_eq!(fake.requests()[0].version, http::Version::HTTP_2);
+}

@@ -175,17 +175,31 @@ impl FakeApns {
             key_id: key_id.to_owned(),
             public_key: key.public_key_raw().to_vec(),
         };
-        let fake = Self::start(ca.server_config(&[b"h2"]), auth).await;
+        let fake = Self::start(Some(ca.server_config(&[b"h2"])), auth).await;
+        (fake, key.serialize_pem())
+    }
+
+    /// Like [`FakeApns::start_token_auth`] but plain-text HTTP/2 with prior knowledge (h2c),
+    /// for herald's `endpoint: http://…`.
+    pub async fn start_token_auth_h2c(team_id: &str, key_id: &str) -> (FakeApns, String) {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .expect("generate APNs P-256 key");
+        let auth = Auth::Token {
+            team_id: team_id.to_owned(),
+            key_id: key_id.to_owned(),
+            public_key: key.public_key_raw().to_vec(),
+        };
+        let fake = Self::start(None, auth).await;
         (fake, key.serialize_pem())
     }
 
     /// Starts a certificate-auth APNs: TLS requires a client certificate issued by
     /// `ca` (see [`TestCa::issue_client_cert`]).
     pub async fn start_cert_auth(ca: &TestCa) -> FakeApns {
-        Self::start(ca.server_config_requiring_client_cert(&[b"h2"]), Auth::Certificate).await
+        Self::start(Some(ca.server_config_requiring_client_cert(&[b"h2"])), Auth::Certificate).await
     }
 
-    async fn start(tls: Arc<rustls::ServerConfig>, auth: Auth) -> FakeApns {
+    async fn start(tls: Option<Arc<rustls::ServerConfig>>, auth: Auth) -> FakeApns {
         let state = Arc::new(ApnsState {
             auth,
             requests: Recorder::new(),
@@ -197,7 +211,7 @@ impl FakeApns {
             .route("/3/device/{token}", any(handle_push))
             .fallback(handle_fallback)
             .with_state(state.clone());
-        let server = FakeServer::start_http2_only(router, Some(tls)).await;
+        let server = FakeServer::start_http2_only(router, tls).await;
         FakeApns { server, state }
     }
 
