@@ -192,26 +192,23 @@ impl Dispatcher {
     }
 
     /// Attempts one device until a final outcome, the attempt budget, or the deadline.
+    ///
+    /// An attempt starts only with at least [`Dispatcher::min_attempt`] left: one cut short
+    /// locally may still have reached the phone, and then the homeserver's retry (after our
+    /// 502) would alert it twice.
     async fn send(&self, app: &App, prepared: &Prepared, deadline: Instant) -> DeviceResult {
-        let mut last = String::from("deadline reached before the first attempt");
+        let min_attempt = self.min_attempt();
+        let mut last = String::from("not enough time left before the request deadline to try");
         for attempt in 1..=self.retry.attempts {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
+            if remaining < min_attempt {
                 break;
             }
-            let outcome = match tokio::time::timeout(
-                remaining.min(self.upstream_timeout),
-                app.provider.send(prepared),
-            )
-            .await
-            {
+            let budget = remaining.min(self.upstream_timeout);
+            let outcome = match tokio::time::timeout(budget, app.provider.send(prepared)).await {
                 Ok(outcome) => outcome,
                 Err(_) => {
-                    self.metrics.upstream(
-                        &app.labels,
-                        "timeout",
-                        remaining.min(self.upstream_timeout),
-                    );
+                    self.metrics.upstream(&app.labels, "timeout", budget);
                     Outcome::Retry { after: None, reason: "upstream timed out".into() }
                 }
             };
@@ -228,7 +225,8 @@ impl Dispatcher {
                 break;
             }
             let wait = after.unwrap_or_else(|| backoff(&self.retry, attempt));
-            if Instant::now() + wait >= deadline {
+            if wait.saturating_add(min_attempt) > deadline.saturating_duration_since(Instant::now())
+            {
                 last = format!("{last} (next retry would pass the request deadline)");
                 break;
             }
@@ -236,6 +234,12 @@ impl Dispatcher {
             tokio::time::sleep(wait).await;
         }
         DeviceResult::Failed(last)
+    }
+
+    /// The least time worth starting an attempt with: a second, or the whole upstream timeout
+    /// when that is shorter.
+    fn min_attempt(&self) -> Duration {
+        self.upstream_timeout.min(Duration::from_secs(1))
     }
 }
 

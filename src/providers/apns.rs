@@ -17,13 +17,13 @@ use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
 use serde_json::{Map, Value, json};
 use tokio::sync::Semaphore;
 
-use super::http::{ClientIdentity, HttpClient, Protocol, describe_error};
-use super::{AppLabels, Outcome, fit_json, retry_after};
+use super::http::{ClientIdentity, HttpClient, Protocol, exchange};
+use super::{AppLabels, Fit, Outcome, fit_json, retry_after};
 use crate::config::{ApnsAuth, ApnsConfig, ProxyConfig};
 use crate::metrics::Metrics;
 use crate::notification::{Device, Notification, Prio};
@@ -33,16 +33,31 @@ pub const MAX_PAYLOAD: usize = 4096;
 /// How long a provider token is reused: Apple refuses tokens older than an hour and
 /// throttles re-signing more often than every 20 minutes.
 pub const TOKEN_LIFETIME: Duration = Duration::from_secs(40 * 60);
+/// What may be shortened to fit: texts, not ids, not the alert's key or the sound.
+const FIT: Fit<'static> = Fit {
+    limit: MAX_PAYLOAD,
+    keep: &["event_id", "room_id", "loc-key", "sound"],
+    pinned: &["aps"],
+};
 /// How long APNs keeps trying to reach an offline device.
 const EXPIRATION: Duration = Duration::from_secs(24 * 3600);
 
 /// A request ready to send (and re-send on retry).
-#[derive(Debug)]
 pub struct ApnsRequest {
     /// The device token as APNs wants it in the path (hex when converted).
     token: String,
     payload: Bytes,
     priority: &'static str,
+}
+
+impl std::fmt::Debug for ApnsRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApnsRequest")
+            .field("token", &super::pushkey_hash(&self.token))
+            .field("payload_bytes", &self.payload.len())
+            .field("priority", &self.priority)
+            .finish()
+    }
 }
 
 impl ApnsRequest {
@@ -102,7 +117,7 @@ impl Apns {
         let Some(mut payload) = build_payload(n, d, self.send_badge_counts) else {
             return Err(Outcome::Delivered);
         };
-        let payload = Bytes::from(fit_json(&mut payload, MAX_PAYLOAD, &["event_id", "room_id"]));
+        let payload = Bytes::from(fit_json(&mut payload, &FIT));
         let priority = if n.prio == Prio::Low { "5" } else { "10" };
         Ok(ApnsRequest { token, payload, priority })
     }
@@ -123,30 +138,26 @@ impl Apns {
             .header("apns-expiration", expiration.as_secs())
             .header(http::header::CONTENT_TYPE, "application/json");
         if let Some(jwt) = &jwt {
-            builder = builder.header(http::header::AUTHORIZATION, format!("bearer {jwt}"));
+            let Ok(mut bearer) = HeaderValue::from_str(&format!("bearer {jwt}")) else {
+                return Outcome::Failed("provider token is not a valid header value".into());
+            };
+            bearer.set_sensitive(true);
+            builder = builder.header(http::header::AUTHORIZATION, bearer);
         }
         let request = match builder.body(Full::new(r.payload.clone())) {
             Ok(req) => req,
             Err(e) => return Outcome::Failed(format!("cannot build request: {e}")),
         };
         let started = Instant::now();
-        let response = match self.client.request(request).await {
-            Ok(resp) => resp,
-            Err(e) => {
+        let answer = match exchange(&self.client, request).await {
+            Ok(answer) => answer,
+            Err(why) => {
                 self.metrics.upstream(&self.labels, "error", started.elapsed());
-                return Outcome::Retry { after: None, reason: describe_error(&e) };
+                return Outcome::Retry { after: None, reason: why };
             }
         };
-        let status = response.status();
-        let after = retry_after(response.headers());
-        let body = match response.into_body().collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => {
-                self.metrics.upstream(&self.labels, "error", started.elapsed());
-                return Outcome::Retry { after: None, reason: format!("reading response: {e}") };
-            }
-        };
-        self.metrics.upstream(&self.labels, status.as_str(), started.elapsed());
+        self.metrics.upstream(&self.labels, answer.status.as_str(), started.elapsed());
+        let (status, body, after) = (answer.status, answer.body, retry_after(&answer.headers));
         let outcome = map_response(status, &body, after);
         if let (Outcome::Retry { .. }, Some(signer), Some(jwt)) = (&outcome, &self.signer, &jwt)
             && reason(&body).as_deref() == Some("ExpiredProviderToken")

@@ -1,32 +1,29 @@
 //! Firebase Cloud Messaging, HTTP v1 API (`POST /v1/projects/{project}/messages:send`).
 //!
-//! OAuth2 access tokens come from the service-account file through `gcp_auth`, which signs the
-//! JWT assertion and posts it to the file's `token_uri`. [`TokenSource`] adds what herald needs on
-//! top: one refresh at a time however many sends are waiting, and a forced refresh when FCM
-//! answers 401 for a token `gcp_auth` still thinks is valid.
+//! OAuth2 access tokens come from [`super::oauth::TokenSource`], over this app's own client (so
+//! `proxy` and `ca_file` apply to the token exchange too); a 401 from FCM drops the token and the
+//! retry fetches a new one.
 //!
 //! Messages are data messages (what Element Android and other Sygnal clients expect), with an
 //! optional visible `notification` block. Payload building and response mapping are pure.
 //! Never logs access tokens, the service-account key, or a full registration token.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use gcp_auth::TokenProvider as _;
-use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http::{HeaderValue, Method, Request, StatusCode};
+use http_body_util::Full;
 use serde_json::{Map, Value, json};
 use tokio::sync::Semaphore;
 
-use super::http::{HttpClient, Protocol, describe_error};
-use super::{AppLabels, Outcome, fit_json, retry_after, truncate_text};
+use super::http::{HttpClient, Protocol, exchange};
+use super::oauth::{TokenError, TokenSource};
+use super::{AppLabels, Fit, Outcome, fit_json, retry_after, truncate_text};
 use crate::config::{FcmConfig, ProxyConfig};
 use crate::metrics::Metrics;
 use crate::notification::{Device, Notification, Prio};
 
-/// The OAuth scope FCM HTTP v1 requires.
-pub const SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
 /// FCM's limit on a message's `data`, JSON-encoded with its keys.
 pub const MAX_DATA: usize = 4096;
 /// herald's limit on one `data` value, so one long field cannot crowd out the rest.
@@ -35,9 +32,15 @@ pub const MAX_FIELD: usize = 1024;
 const PROTECTED: &[&str] = &["event_id", "room_id"];
 
 /// A message ready to send (and re-send on retry).
-#[derive(Debug)]
 pub struct FcmRequest {
     body: Bytes,
+}
+
+impl std::fmt::Debug for FcmRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The body holds the registration token.
+        f.debug_struct("FcmRequest").field("body_bytes", &self.body.len()).finish()
+    }
 }
 
 impl FcmRequest {
@@ -68,12 +71,12 @@ impl Fcm {
     ) -> Result<Fcm, String> {
         let client = super::http::client(&config.upstream, proxy, None, Protocol::Any)?;
         Ok(Fcm {
-            client,
+            client: client.clone(),
             send_url: format!(
                 "{}/v1/projects/{}/messages:send",
                 config.upstream.base_url, config.project_id
             ),
-            tokens: TokenSource::new(config.service_account_json.clone()),
+            tokens: TokenSource::new(&config.service_account_json, client.clone())?,
             notification: config.notification,
             android: config.android.clone(),
             send_badge_counts: config.send_badge_counts,
@@ -104,40 +107,40 @@ impl Fcm {
             Ok(t) => t,
             Err(e) => {
                 self.metrics.upstream(&self.labels, "token_error", started.elapsed());
-                return Outcome::Retry { after: None, reason: format!("OAuth token: {e}") };
+                return match e {
+                    TokenError::Transient(why) => {
+                        Outcome::Retry { after: None, reason: format!("OAuth token: {why}") }
+                    }
+                    TokenError::Refused(why) => Outcome::Failed(format!("OAuth token: {why}")),
+                };
             }
         };
+        let Ok(mut bearer) = HeaderValue::from_str(&format!("Bearer {}", token.as_str())) else {
+            return Outcome::Failed("OAuth token is not a valid header value".into());
+        };
+        bearer.set_sensitive(true);
         let request = Request::builder()
             .method(Method::POST)
             .uri(&self.send_url)
-            .header(http::header::AUTHORIZATION, format!("Bearer {}", token.as_str()))
+            .header(http::header::AUTHORIZATION, bearer)
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(r.body.clone()));
         let request = match request {
             Ok(req) => req,
             Err(e) => return Outcome::Failed(format!("cannot build request: {e}")),
         };
-        let response = match self.client.request(request).await {
-            Ok(resp) => resp,
-            Err(e) => {
+        let answer = match exchange(&self.client, request).await {
+            Ok(answer) => answer,
+            Err(why) => {
                 self.metrics.upstream(&self.labels, "error", started.elapsed());
-                return Outcome::Retry { after: None, reason: describe_error(&e) };
+                return Outcome::Retry { after: None, reason: why };
             }
         };
-        let status = response.status();
-        let after = retry_after(response.headers());
-        let body = match response.into_body().collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => {
-                self.metrics.upstream(&self.labels, "error", started.elapsed());
-                return Outcome::Retry { after: None, reason: format!("reading response: {e}") };
-            }
-        };
-        self.metrics.upstream(&self.labels, status.as_str(), started.elapsed());
-        if status == StatusCode::UNAUTHORIZED {
+        self.metrics.upstream(&self.labels, answer.status.as_str(), started.elapsed());
+        if answer.status == StatusCode::UNAUTHORIZED {
             self.tokens.invalidate(&token);
         }
-        map_response(status, &body, after)
+        map_response(answer.status, &answer.body, retry_after(&answer.headers))
     }
 }
 
@@ -199,7 +202,10 @@ pub fn build_message(
         }
     }
     let mut data = Value::Object(data);
-    fit_json(&mut data, MAX_DATA, PROTECTED);
+    fit_json(
+        &mut data,
+        &Fit { limit: MAX_DATA, keep: PROTECTED, pinned: &["prio", "unread", "missed_calls"] },
+    );
 
     let mut android_block = Map::new();
     android_block
@@ -268,49 +274,6 @@ pub fn map_response(
             Outcome::Retry { after, reason: described() }
         }
         _ => Outcome::Failed(described()),
-    }
-}
-
-/// OAuth access tokens for one service account: cached, refreshed one at a time.
-struct TokenSource {
-    json: Arc<str>,
-    current: RwLock<Option<Arc<gcp_auth::Token>>>,
-    refresh: tokio::sync::Mutex<()>,
-}
-
-impl TokenSource {
-    fn new(json: Arc<str>) -> TokenSource {
-        TokenSource { json, current: RwLock::new(None), refresh: tokio::sync::Mutex::new(()) }
-    }
-
-    fn cached(&self) -> Option<Arc<gcp_auth::Token>> {
-        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
-        current.as_ref().filter(|t| !t.has_expired()).cloned()
-    }
-
-    async fn get(&self) -> Result<Arc<gcp_auth::Token>, gcp_auth::Error> {
-        if let Some(t) = self.cached() {
-            return Ok(t);
-        }
-        let _refreshing = self.refresh.lock().await;
-        if let Some(t) = self.cached() {
-            return Ok(t);
-        }
-        // A fresh account each time: gcp_auth caches per instance and offers no way to drop a
-        // token FCM refused, so a new instance is how a refresh is forced.
-        let account = gcp_auth::CustomServiceAccount::from_json(&self.json)?;
-        let token = account.token(&[SCOPE]).await?;
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());
-        Ok(token)
-    }
-
-    /// Drops `stale` so the next [`get`](Self::get) fetches a new token, unless another request
-    /// has already replaced it.
-    fn invalidate(&self, stale: &gcp_auth::Token) {
-        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
-        if current.as_ref().is_some_and(|t| t.as_str() == stale.as_str()) {
-            *current = None;
-        }
     }
 }
 

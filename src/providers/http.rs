@@ -156,3 +156,31 @@ pub fn describe_error(e: &hyper_util::client::legacy::Error) -> String {
     }
     text
 }
+
+/// Upstream answers larger than this are cut off: APNs and FCM error bodies are a few hundred
+/// bytes, and nothing herald reads from them is larger.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+
+/// One upstream answer, body read (bounded by [`MAX_RESPONSE_BYTES`]).
+pub struct Answer {
+    pub status: http::StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+/// Sends `request` and reads the answer. `Err` is a transport failure (connect, TLS, reset,
+/// GOAWAY, a body over the limit), described without URLs or secrets.
+pub async fn exchange(
+    client: &HttpClient,
+    request: http::Request<Full<Bytes>>,
+) -> Result<Answer, String> {
+    use http_body_util::{BodyExt, Limited};
+    let response = client.request(request).await.map_err(|e| describe_error(&e))?;
+    let (parts, body) = response.into_parts();
+    let body = Limited::new(body, MAX_RESPONSE_BYTES)
+        .collect()
+        .await
+        .map_err(|e| format!("reading response: {e}"))?
+        .to_bytes();
+    Ok(Answer { status: parts.status, headers: parts.headers, body })
+}

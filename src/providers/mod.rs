@@ -12,6 +12,7 @@ pub mod apns;
 pub mod fcm;
 pub mod http;
 pub mod log;
+pub mod oauth;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -123,10 +124,11 @@ pub fn pushkey_hash(pushkey: &str) -> String {
     hex::encode(&digest.as_ref()[..4])
 }
 
-/// `Retry-After` in seconds (the HTTP-date form is not used by push providers).
+/// `Retry-After` in seconds (the HTTP-date form is not used by push providers), capped at an
+/// hour: any wait that long is past every request deadline anyway.
 pub(crate) fn retry_after(headers: &::http::HeaderMap) -> Option<Duration> {
     let v = headers.get(::http::header::RETRY_AFTER)?.to_str().ok()?;
-    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+    v.trim().parse::<u64>().ok().map(|secs| Duration::from_secs(secs.min(3600)))
 }
 
 /// Cuts `s` to at most `max` bytes on a char boundary, ending in `…` when it was cut.
@@ -145,41 +147,125 @@ pub(crate) fn truncate_text(s: &mut String, max: usize) {
     }
 }
 
-/// Serializes `value`, shortening its longest string leaves (never those under a key in
-/// `protected`) until the JSON fits in `limit` bytes. Gives up, returning the smallest form it
-/// reached, only when no string is left to shorten.
-pub(crate) fn fit_json(value: &mut Value, limit: usize, protected: &[&str]) -> Vec<u8> {
-    loop {
-        let bytes = serde_json::to_vec(value).unwrap_or_default();
-        if bytes.len() <= limit {
-            return bytes;
+/// What [`fit_json`] may touch.
+pub(crate) struct Fit<'a> {
+    /// The size limit of the serialized JSON, in bytes.
+    pub limit: usize,
+    /// Strings under these keys are never shortened, and these members never dropped.
+    pub keep: &'a [&'a str],
+    /// Top-level members never dropped (their strings may still be shortened).
+    pub pinned: &'a [&'a str],
+}
+
+/// Serializes `value` within `fit.limit` bytes, in time linear in its size whatever its shape:
+/// first the longest strings are shortened evenly on char boundaries (ending in `…`); if keys,
+/// numbers and structure alone are still too large, the largest top-level members are dropped.
+/// Only a value whose `keep` parts alone exceed the limit comes back oversized.
+pub(crate) fn fit_json(value: &mut Value, fit: &Fit<'_>) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec(value).unwrap_or_default();
+    // Shortening works on exact escaped lengths, so one round normally suffices; the bound only
+    // guards against surprises.
+    for _ in 0..3 {
+        if bytes.len() <= fit.limit || !shorten_strings(value, bytes.len() - fit.limit, fit.keep) {
+            break;
         }
-        let over = bytes.len() - limit;
-        let Some(longest) = longest_string(value, protected) else { return bytes };
-        if longest.is_empty() {
-            return bytes;
-        }
-        // JSON escaping can make a char cost more than its UTF-8 length; cutting by the
-        // overflow (plus the ellipsis) converges in a few rounds at most.
-        let target = longest.len().saturating_sub(over + 3);
-        truncate_text(longest, target);
+        bytes = serde_json::to_vec(value).unwrap_or_default();
+    }
+    if bytes.len() > fit.limit {
+        drop_members(value, bytes.len() - fit.limit, fit);
+        bytes = serde_json::to_vec(value).unwrap_or_default();
+    }
+    bytes
+}
+
+/// Bytes `c` takes inside a JSON string as serde_json writes it.
+fn escaped_len(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+        c if (c as u32) < 0x20 => 6,
+        c => c.len_utf8(),
     }
 }
 
-fn longest_string<'a>(value: &'a mut Value, protected: &[&str]) -> Option<&'a mut String> {
-    let mut best: Option<&'a mut String> = None;
-    let mut stack: Vec<&'a mut Value> = vec![value];
+fn escaped_str_len(s: &str) -> usize {
+    s.chars().map(escaped_len).sum()
+}
+
+/// Cuts `s` so its escaped form takes at most `max` bytes, ending in `…` when there is room.
+fn truncate_escaped(s: &mut String, max: usize) {
+    const ELLIPSIS: char = '…';
+    if escaped_str_len(s) <= max {
+        return;
+    }
+    let budget = max.saturating_sub(ELLIPSIS.len_utf8());
+    let mut used = 0;
+    let mut cut = 0;
+    for (i, c) in s.char_indices() {
+        if used + escaped_len(c) > budget {
+            break;
+        }
+        used += escaped_len(c);
+        cut = i + c.len_utf8();
+    }
+    s.truncate(cut);
+    if max >= ELLIPSIS.len_utf8() {
+        s.push(ELLIPSIS);
+    }
+}
+
+/// Shortens the longest unkept strings to a common cap chosen so that at least `over` bytes
+/// are saved. Returns false when there was nothing left to shorten.
+fn shorten_strings(value: &mut Value, over: usize, keep: &[&str]) -> bool {
+    let mut strings: Vec<&mut String> = Vec::new();
+    let mut stack: Vec<&mut Value> = vec![value];
     while let Some(v) = stack.pop() {
         match v {
-            Value::String(s) if best.as_ref().is_none_or(|b| s.len() > b.len()) => best = Some(s),
+            Value::String(s) if !s.is_empty() => strings.push(s),
             Value::Array(items) => stack.extend(items.iter_mut()),
             Value::Object(map) => stack.extend(
-                map.iter_mut().filter(|(k, _)| !protected.contains(&k.as_str())).map(|(_, v)| v),
+                map.iter_mut().filter(|(k, _)| !keep.contains(&k.as_str())).map(|(_, v)| v),
             ),
             _ => {}
         }
     }
-    best.filter(|s| !s.is_empty())
+    if strings.is_empty() {
+        return false;
+    }
+    let lens: Vec<usize> = strings.iter().map(|s| escaped_str_len(s)).collect();
+    let saved_at = |cap: usize| lens.iter().map(|&l| l.saturating_sub(cap)).sum::<usize>();
+    // The largest cap that still saves enough: binary search, as savings fall as the cap rises.
+    let (mut lo, mut hi) = (0usize, lens.iter().copied().max().unwrap_or(0));
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if saved_at(mid) >= over { lo = mid } else { hi = mid - 1 }
+    }
+    for (s, len) in strings.into_iter().zip(lens) {
+        if len > lo {
+            truncate_escaped(s, lo);
+        }
+    }
+    true
+}
+
+/// Removes the largest unkept top-level members of an object until `over` bytes are gone.
+fn drop_members(value: &mut Value, over: usize, fit: &Fit<'_>) {
+    let Value::Object(map) = value else { return };
+    let mut sizes: Vec<(usize, String)> = map
+        .iter()
+        .filter(|(k, _)| !fit.keep.contains(&k.as_str()) && !fit.pinned.contains(&k.as_str()))
+        .map(|(k, v)| {
+            (escaped_str_len(k) + 4 + serde_json::to_vec(v).map_or(0, |b| b.len()), k.clone())
+        })
+        .collect();
+    sizes.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    let mut removed = 0;
+    for (size, key) in sizes {
+        if removed >= over {
+            break;
+        }
+        map.remove(&key);
+        removed += size;
+    }
 }
 
 #[cfg(test)]
@@ -200,7 +286,7 @@ mod tests {
     #[test]
     fn fit_json_cuts_the_longest_text_and_spares_protected_keys() {
         let mut v = json!({"event_id": "e".repeat(300), "a": "x".repeat(5000), "b": "short"});
-        let out = fit_json(&mut v, 1000, &["event_id"]);
+        let out = fit_json(&mut v, &Fit { limit: 1000, keep: &["event_id"], pinned: &[] });
         assert!(out.len() <= 1000);
         assert_eq!(v["event_id"].as_str().unwrap().len(), 300);
         assert_eq!(v["b"], "short");
@@ -210,9 +296,33 @@ mod tests {
     #[test]
     fn fit_json_handles_escaped_and_multibyte_text() {
         let mut v = json!({"a": "\"\u{1F600}\n".repeat(2000)});
-        let out = fit_json(&mut v, 4096, &[]);
+        let out = fit_json(&mut v, &Fit { limit: 4096, keep: &[], pinned: &[] });
         assert!(out.len() <= 4096, "{}", out.len());
         assert!(serde_json::from_slice::<Value>(&out).is_ok());
+    }
+
+    #[test]
+    fn fit_json_shortens_evenly_and_exactly() {
+        let mut v = json!({"a": "a".repeat(3000), "b": "b".repeat(3000), "c": "tiny"});
+        let out = fit_json(&mut v, &Fit { limit: 4096, keep: &[], pinned: &[] });
+        assert!(out.len() <= 4096 && out.len() > 4000, "{}", out.len());
+        let (a, b) = (v["a"].as_str().unwrap().len(), v["b"].as_str().unwrap().len());
+        assert!(a.abs_diff(b) <= 3, "{a} vs {b}");
+        assert_eq!(v["c"], "tiny");
+    }
+
+    #[test]
+    fn fit_json_drops_members_when_keys_alone_are_too_big() {
+        // 20,000 members: quadratic work would not finish in any reasonable time.
+        let mut map = serde_json::Map::new();
+        for i in 0..20_000 {
+            map.insert(format!("content_field_{i}"), json!("v"));
+        }
+        map.insert("event_id".into(), json!("$keep"));
+        let mut v = Value::Object(map);
+        let out = fit_json(&mut v, &Fit { limit: 4096, keep: &["event_id"], pinned: &[] });
+        assert!(out.len() <= 4096, "{}", out.len());
+        assert_eq!(v["event_id"], "$keep");
     }
 
     #[test]

@@ -404,3 +404,14 @@ async fn http_endpoint_speaks_h2c_with_prior_knowledge() {
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.json);
     assert_eq!(fake.requests()[0].version, http::Version::HTTP_2);
 }
+
+#[tokio::test]
+async fn an_absurd_retry_after_is_a_clean_502() {
+    let s = setup().await;
+    let (k, hex) = token(85);
+    s.fake.respond(&hex, vec![Reply::status_retry_after(503, "ServiceUnavailable", u64::MAX)]);
+    let r = s.gw.notify(&message("$forever", &[(APP, &k)])).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{:?}", r.json);
+    assert_eq!(r.errcode(), "M_UNKNOWN");
+    assert_eq!(s.fake.request_count(), 1);
+}

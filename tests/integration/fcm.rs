@@ -170,3 +170,24 @@ async fn long_fields_are_bounded() {
     assert!(data.as_object().unwrap().values().all(|v| v.as_str().unwrap().len() <= 1024));
     assert_eq!(data["event_id"], "$long");
 }
+
+#[tokio::test]
+async fn the_token_exchange_and_the_send_both_use_the_proxy() {
+    use crate::support::proxy::ConnectProxy;
+    let proxy = ConnectProxy::start(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeFcm::start().await;
+    let apps = fcm_app(APP, dir.path(), &fake, "");
+    let yaml = Settings { apps, ..Settings::default() }.yaml()
+        + &format!("proxy: \"{}\"\n", proxy.url(""));
+    let gw = TestGateway::start_yaml(&yaml).await;
+    let r = gw.notify(&message("$proxied", &[(APP, "via-proxy")])).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.json);
+    assert_eq!(fake.token_requests(), 1);
+    assert_eq!(fake.request_count(), 1);
+    let tunnels = proxy.tunnels();
+    assert!(
+        !tunnels.is_empty() && tunnels.iter().all(|t| *t == fake.server().addr().to_string()),
+        "{tunnels:?}"
+    );
+}
