@@ -52,13 +52,12 @@ pub struct Summary {
 impl Summary {
     /// Pushkeys to report as rejected (each once).
     pub fn rejected(&self) -> Vec<String> {
-        let mut out: Vec<String> = Vec::new();
-        for (pushkey, r) in &self.results {
-            if matches!(r, DeviceResult::Rejected(_)) && !out.contains(pushkey) {
-                out.push(pushkey.clone());
-            }
-        }
-        out
+        let mut seen = std::collections::HashSet::new();
+        self.results
+            .iter()
+            .filter(|(pushkey, r)| matches!(r, DeviceResult::Rejected(_)) && seen.insert(pushkey.as_str()))
+            .map(|(pushkey, _)| pushkey.clone())
+            .collect()
     }
 
     pub fn failed(&self) -> usize {
