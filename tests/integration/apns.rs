@@ -3,41 +3,24 @@
 
 use std::time::Duration;
 
-use base64::Engine as _;
 use http::StatusCode;
 use serde_json::json;
 
 use crate::support::fake_apns::{FakeApns, Reply};
 use crate::support::gateway::{
-    APNS_KEY_ID, APNS_TEAM_ID, Settings, TestGateway, apns_app, assert_golden, badge, message,
+    APNS_KEY_ID, APNS_TEAM_ID, Settings, TestGateway, WithApns, apns_app, apns_token as token,
+    assert_golden, badge, message,
 };
 use crate::support::tls::{TestCa, write_file};
 
 const APP: &str = "im.example.ios";
 
-/// A device token as the homeserver stores it (base64) and as APNs sees it (hex).
-fn token(n: u8) -> (String, String) {
-    let raw = [n; 32];
-    (base64::engine::general_purpose::STANDARD.encode(raw), hex::encode(raw))
+async fn setup_with(settings: Settings) -> WithApns {
+    WithApns::start(APP, settings).await
 }
 
-struct Setup {
-    gw: TestGateway,
-    fake: FakeApns,
-    _dir: tempfile::TempDir,
-}
-
-async fn setup_with(settings: Settings, extra: &str) -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new();
-    let (fake, p8) = FakeApns::start_token_auth(&ca, APNS_TEAM_ID, APNS_KEY_ID).await;
-    let apps = apns_app(APP, dir.path(), &fake, &ca, &p8, extra);
-    let gw = TestGateway::start(&Settings { apps, ..settings }).await;
-    Setup { gw, fake, _dir: dir }
-}
-
-async fn setup() -> Setup {
-    setup_with(Settings::default(), "").await
+async fn setup() -> WithApns {
+    setup_with(Settings::default()).await
 }
 
 #[tokio::test]
@@ -179,7 +162,7 @@ async fn other_client_errors_fail_without_retry() {
 
 #[tokio::test]
 async fn retry_after_beyond_the_deadline_fails_fast() {
-    let s = setup_with(Settings { request_deadline: "3s", ..Settings::default() }, "").await;
+    let s = setup_with(Settings { request_deadline: "3s", ..Settings::default() }).await;
     let (key, hex) = token(43);
     s.fake.respond(&hex, vec![Reply::too_many_requests(Some(60))]);
     let r = s.gw.notify(&message("$later", &[(APP, &key)])).await;
@@ -189,15 +172,12 @@ async fn retry_after_beyond_the_deadline_fails_fast() {
 
 #[tokio::test]
 async fn upstream_timeout_is_retried_and_deadline_bounds_the_request() {
-    let s = setup_with(
-        Settings {
-            upstream_timeout: "300ms",
-            request_deadline: "2s",
-            attempts: 10,
-            ..Settings::default()
-        },
-        "",
-    )
+    let s = setup_with(Settings {
+        upstream_timeout: "300ms",
+        request_deadline: "2s",
+        attempts: 10,
+        ..Settings::default()
+    })
     .await;
     let (key, hex) = token(44);
     // The first attempt hangs past upstream_timeout; the second succeeds.
@@ -262,15 +242,12 @@ async fn malformed_base64_pushkey_is_rejected_without_a_request() {
 #[tokio::test]
 async fn twenty_devices_are_sent_concurrently() {
     // Each device takes 1s upstream and the request may take 4s: only concurrent sends fit.
-    let s = setup_with(
-        Settings {
-            upstream_timeout: "3s",
-            request_deadline: "4s",
-            attempts: 1,
-            ..Settings::default()
-        },
-        "",
-    )
+    let s = setup_with(Settings {
+        upstream_timeout: "3s",
+        request_deadline: "4s",
+        attempts: 1,
+        ..Settings::default()
+    })
     .await;
     let keys: Vec<_> = (100..120).map(token).collect();
     for (_, hex) in &keys {

@@ -3,34 +3,21 @@
 
 use std::time::Duration;
 
-use base64::Engine as _;
 use http::StatusCode;
 
 use crate::support::fake_apns::{FakeApns, Reply};
-use crate::support::gateway::{
-    APNS_KEY_ID, APNS_TEAM_ID, Settings, TestGateway, apns_app, message,
-};
-use crate::support::tls::TestCa;
+use crate::support::gateway::{Settings, TestGateway, WithApns, apns_token as token, message};
 
 const APP: &str = "im.example.ios";
 
-fn token(n: u8) -> (String, String) {
-    let raw = [n; 32];
-    (base64::engine::general_purpose::STANDARD.encode(raw), hex::encode(raw))
-}
-
-async fn setup() -> (TestGateway, FakeApns, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new();
-    let (fake, p8) = FakeApns::start_token_auth(&ca, APNS_TEAM_ID, APNS_KEY_ID).await;
-    let apps = apns_app(APP, dir.path(), &fake, &ca, &p8, "");
-    let gw = TestGateway::start(&Settings { apps, ..Settings::default() }).await;
-    (gw, fake, dir)
+async fn setup() -> (TestGateway, FakeApns) {
+    let s = WithApns::start(APP, Settings::default()).await;
+    (s.gw, s.fake)
 }
 
 #[tokio::test]
 async fn a_retried_notification_is_sent_once() {
-    let (gw, fake, _dir) = setup().await;
+    let (gw, fake) = setup().await;
     let (k, _) = token(1);
     for _ in 0..3 {
         let r = gw.notify(&message("$once", &[(APP, &k)])).await;
@@ -45,7 +32,7 @@ async fn a_retried_notification_is_sent_once() {
 
 #[tokio::test]
 async fn a_known_rejection_is_answered_again_without_a_send() {
-    let (gw, fake, _dir) = setup().await;
+    let (gw, fake) = setup().await;
     let (k, hex) = token(2);
     fake.respond(&hex, vec![Reply::unregistered()]);
     let first = gw.notify(&message("$gone", &[(APP, &k)])).await;
@@ -57,7 +44,7 @@ async fn a_known_rejection_is_answered_again_without_a_send() {
 
 #[tokio::test]
 async fn concurrent_duplicates_share_one_upstream_send() {
-    let (gw, fake, _dir) = setup().await;
+    let (gw, fake) = setup().await;
     let (k, hex) = token(3);
     fake.respond(&hex, vec![Reply::Delay(Duration::from_millis(500))]);
     let body = message("$concurrent", &[(APP, &k)]);
@@ -70,7 +57,7 @@ async fn concurrent_duplicates_share_one_upstream_send() {
 
 #[tokio::test]
 async fn after_a_partial_failure_the_retry_resends_only_what_was_not_delivered() {
-    let (gw, fake, _dir) = setup().await;
+    let (gw, fake) = setup().await;
     let (ok, ok_hex) = token(4);
     let (flaky, flaky_hex) = token(5);
     let (gone, _) = token(6);

@@ -8,26 +8,16 @@ use serde_json::json;
 
 use crate::support::fake_fcm::{FakeFcm, FcmReply};
 use crate::support::gateway::{
-    FCM_PROJECT, Settings, TestGateway, assert_golden, badge, fcm_app, message,
+    FCM_PROJECT, Settings, TestGateway, WithFcm, assert_golden, badge, fcm_app, message,
 };
 
 const APP: &str = "im.example.android";
 
-struct Setup {
-    gw: TestGateway,
-    fake: FakeFcm,
-    _dir: tempfile::TempDir,
+async fn setup_with(settings: Settings, extra: &str) -> WithFcm {
+    WithFcm::start(APP, settings, extra).await
 }
 
-async fn setup_with(settings: Settings, extra: &str) -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let fake = FakeFcm::start().await;
-    let apps = fcm_app(APP, dir.path(), &fake, extra);
-    let gw = TestGateway::start(&Settings { apps, ..settings }).await;
-    Setup { gw, fake, _dir: dir }
-}
-
-async fn setup() -> Setup {
+async fn setup() -> WithFcm {
     setup_with(Settings::default(), "").await
 }
 

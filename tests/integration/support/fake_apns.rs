@@ -168,29 +168,15 @@ impl FakeApns {
     /// Starts a token-auth (JWT) APNs. Returns the fake and the `.p8` signing key
     /// (PKCS#8 PEM, `-----BEGIN PRIVATE KEY-----`) the gateway must use.
     pub async fn start_token_auth(ca: &TestCa, team_id: &str, key_id: &str) -> (FakeApns, String) {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .expect("generate APNs P-256 key");
-        let auth = Auth::Token {
-            team_id: team_id.to_owned(),
-            key_id: key_id.to_owned(),
-            public_key: key.public_key_raw().to_vec(),
-        };
-        let fake = Self::start(Some(ca.server_config(&[b"h2"])), auth).await;
-        (fake, key.serialize_pem())
+        let (auth, p8) = token_auth(team_id, key_id);
+        (Self::start(Some(ca.server_config(&[b"h2"])), auth).await, p8)
     }
 
     /// Like [`FakeApns::start_token_auth`] but plain-text HTTP/2 with prior knowledge (h2c),
     /// for herald's `endpoint: http://…`.
     pub async fn start_token_auth_h2c(team_id: &str, key_id: &str) -> (FakeApns, String) {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .expect("generate APNs P-256 key");
-        let auth = Auth::Token {
-            team_id: team_id.to_owned(),
-            key_id: key_id.to_owned(),
-            public_key: key.public_key_raw().to_vec(),
-        };
-        let fake = Self::start(None, auth).await;
-        (fake, key.serialize_pem())
+        let (auth, p8) = token_auth(team_id, key_id);
+        (Self::start(None, auth).await, p8)
     }
 
     /// Starts a certificate-auth APNs: TLS requires a client certificate issued by
@@ -264,6 +250,18 @@ impl FakeApns {
     pub fn jwts_seen(&self) -> Vec<String> {
         self.state.jwts.lock().unwrap().clone()
     }
+}
+
+/// A fresh P-256 signing key: the fake's verifier and the `.p8` PEM the gateway signs with.
+fn token_auth(team_id: &str, key_id: &str) -> (Auth, String) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .expect("generate APNs P-256 key");
+    let auth = Auth::Token {
+        team_id: team_id.to_owned(),
+        key_id: key_id.to_owned(),
+        public_key: key.public_key_raw().to_vec(),
+    };
+    (auth, key.serialize_pem())
 }
 
 async fn handle_fallback(req: Request) -> Response {

@@ -100,6 +100,49 @@ pub fn apns_app(
     )
 }
 
+/// A device token as a homeserver stores it (base64, as iOS SDKs hand it out) and as APNs sees
+/// it in the request path (hex).
+pub fn apns_token(n: u8) -> (String, String) {
+    use base64::Engine as _;
+    let raw = [n; 32];
+    (base64::engine::general_purpose::STANDARD.encode(raw), hex::encode(raw))
+}
+
+/// A gateway with one token-auth APNs app (`app_id`) aimed at a fresh fake APNs.
+pub struct WithApns {
+    pub gw: TestGateway,
+    pub fake: FakeApns,
+    _dir: tempfile::TempDir,
+}
+
+impl WithApns {
+    pub async fn start(app_id: &str, settings: Settings) -> WithApns {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new();
+        let (fake, p8) = FakeApns::start_token_auth(&ca, APNS_TEAM_ID, APNS_KEY_ID).await;
+        let apps = apns_app(app_id, dir.path(), &fake, &ca, &p8, "");
+        let gw = TestGateway::start(&Settings { apps, ..settings }).await;
+        WithApns { gw, fake, _dir: dir }
+    }
+}
+
+/// A gateway with one FCM app (`app_id`, plus `extra` YAML lines) aimed at a fresh fake FCM.
+pub struct WithFcm {
+    pub gw: TestGateway,
+    pub fake: FakeFcm,
+    _dir: tempfile::TempDir,
+}
+
+impl WithFcm {
+    pub async fn start(app_id: &str, settings: Settings, extra: &str) -> WithFcm {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = FakeFcm::start().await;
+        let apps = fcm_app(app_id, dir.path(), &fake, extra);
+        let gw = TestGateway::start(&Settings { apps, ..settings }).await;
+        WithFcm { gw, fake, _dir: dir }
+    }
+}
+
 pub const APNS_KEY_ID: &str = "ABC123DEFG";
 pub const APNS_TEAM_ID: &str = "TEAM123456";
 pub const FCM_PROJECT: &str = "herald-test";
