@@ -4,17 +4,30 @@
 //! Tests boot this same `App` on port 0 and read the bound addresses back, so there is no
 //! second, test-only wiring. Building binds the sockets (a busy port fails here, before
 //! anything is served); [`App::run`] serves.
+//!
+//! Serving is our own accept loop over hyper-util rather than `axum::serve`, which builds hyper
+//! without a timer: here a client gets [`HEADER_READ_TIMEOUT`] to send each request head, and a
+//! listener holds at most [`MAX_CONNECTIONS_PER_LISTENER`] connections, so slow or idle clients
+//! cannot pile up forever.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::Router;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tracing::{info, warn};
+use axum::extract::Request;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tower::ServiceExt as _;
+use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::dispatch::Dispatcher;
@@ -27,7 +40,7 @@ pub struct App {
     listeners: Vec<(TcpListener, Router)>,
     addrs: Vec<SocketAddr>,
     admin_addr: SocketAddr,
-    shutdown_grace: std::time::Duration,
+    shutdown_grace: Duration,
 }
 
 impl App {
@@ -86,15 +99,7 @@ impl App {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut servers = tokio::task::JoinSet::new();
         for (listener, router) in self.listeners {
-            let mut stop = stop_rx.clone();
-            let service = router.into_make_service();
-            servers.spawn(async move {
-                axum::serve(listener, service)
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    })
-                    .await
-            });
+            servers.spawn(serve(listener, router, stop_rx.clone()));
         }
         self.state.ready.store(true, Ordering::Release);
         info!(listen = ?self.addrs, admin = %self.admin_addr, "herald is serving");
@@ -102,24 +107,127 @@ impl App {
         tokio::select! {
             () = shutdown => info!("shutting down: draining in-flight requests"),
             Some(res) = servers.join_next() => {
-                res.context("server task panicked")?.context("server failed")?;
+                // `serve` only returns once told to stop, so this is a panic.
+                res.context("server task panicked")?;
             }
         }
         self.state.ready.store(false, Ordering::Release);
         let _ = stop_tx.send(true);
         let drained = tokio::time::timeout(self.shutdown_grace, async {
             while let Some(res) = servers.join_next().await {
-                if let Ok(Err(e)) = res {
-                    warn!(error = %e, "server stopped with an error");
+                if let Err(e) = res {
+                    warn!(error = %e, "server task failed while draining");
                 }
             }
         })
         .await;
         if drained.is_err() {
             warn!(grace = ?self.shutdown_grace, "shutdown grace period over; dropping unfinished requests");
+            // Each server task owns its connections' tasks, so aborting it drops them too.
             servers.abort_all();
         }
         info!("stopped");
         Ok(())
     }
+}
+
+// === serving one listener ===
+
+/// How long a client may take to send a request head (from the moment herald starts waiting
+/// for it, so it also bounds idle keep-alive connections), and how long a new connection may
+/// take to send its first one. Slower clients are disconnected without an answer.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Open connections per listener; at the cap, herald stops accepting until one closes (the
+/// kernel's backlog holds the rest).
+pub const MAX_CONNECTIONS_PER_LISTENER: usize = 16_384;
+
+/// Pause after an accept error such as EMFILE, so a full fd table does not become a busy loop.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// HTTP/1.1 with a header-read timeout, or HTTP/2 (prior knowledge) with keep-alive pings.
+fn connection_builder() -> Builder<TokioExecutor> {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    builder
+}
+
+/// Accepts and serves connections until `stop` turns true, then closes the listening socket,
+/// asks every connection to finish its current request and close, and waits for them.
+///
+/// Connection tasks live in a `JoinSet` owned here, so aborting this task drops them all.
+async fn serve(listener: TcpListener, router: Router, mut stop: watch::Receiver<bool>) {
+    let builder = connection_builder();
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS_PER_LISTENER));
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        while connections.try_join_next().is_some() {}
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => break,
+            accepted = accept(&listener, &slots) => accepted,
+        };
+        let (stream, slot) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) if is_connection_error(&e) => continue,
+            Err(e) => {
+                warn!(error = %e, "cannot accept connections; retrying shortly");
+                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                continue;
+            }
+        };
+        // Set once hyper has read a whole request head; a connection that never gets there
+        // (silent, or stuck before hyper knows HTTP/1 from HTTP/2) is closed below.
+        let seen_request = Arc::new(AtomicBool::new(false));
+        let service = TowerToHyperService::new(router.clone().map_request({
+            let seen_request = seen_request.clone();
+            move |request: Request<Incoming>| {
+                seen_request.store(true, Ordering::Relaxed);
+                request
+            }
+        }));
+        let connection =
+            graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
+        connections.spawn(async move {
+            let _slot = slot;
+            let mut connection = std::pin::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = tokio::time::sleep(HEADER_READ_TIMEOUT) => {
+                    if !seen_request.load(Ordering::Relaxed) {
+                        debug!("closing a connection that sent no request in time");
+                        return;
+                    }
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
+                debug!(error = %e, "connection closed with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    while connections.join_next().await.is_some() {}
+}
+
+/// Waits for a free connection slot, then for a connection.
+async fn accept(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+) -> std::io::Result<(TcpStream, OwnedSemaphorePermit)> {
+    let slot = Arc::clone(slots).acquire_owned().await.expect("the semaphore is never closed");
+    let (stream, _peer) = listener.accept().await?;
+    Ok((stream, slot))
+}
+
+/// Errors about one connection that went away before it was accepted: not worth a pause.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    matches!(e.kind(), ConnectionRefused | ConnectionAborted | ConnectionReset)
 }

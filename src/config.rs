@@ -141,26 +141,12 @@ pub struct ApnsConfig {
     pub max_concurrency: usize,
 }
 
+#[derive(Clone)]
 pub enum ApnsAuth {
     /// ES256 provider tokens signed with the `.p8` key.
     Token { key_pkcs8: Vec<u8>, key_id: String, team_id: String },
     /// TLS client certificate.
     Certificate { chain: Vec<CertificateDer<'static>>, key: Arc<PrivateKeyDer<'static>> },
-}
-
-impl Clone for ApnsAuth {
-    fn clone(&self) -> Self {
-        match self {
-            ApnsAuth::Token { key_pkcs8, key_id, team_id } => ApnsAuth::Token {
-                key_pkcs8: key_pkcs8.clone(),
-                key_id: key_id.clone(),
-                team_id: team_id.clone(),
-            },
-            ApnsAuth::Certificate { chain, key } => {
-                ApnsAuth::Certificate { chain: chain.clone(), key: key.clone() }
-            }
-        }
-    }
 }
 
 impl fmt::Debug for ApnsAuth {
@@ -343,6 +329,16 @@ fn default_concurrency() -> usize {
     512
 }
 
+/// Upper bounds. Larger values pass serde but overflow timers (`Instant + Duration` panics),
+/// or pre-allocate absurd amounts, long after `check-config` said OK.
+const MAX_INFLIGHT_REQUESTS: usize = 1_000_000;
+const MAX_APP_CONCURRENCY: usize = 100_000;
+const MAX_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+const MAX_DEDUP_TTL: Duration = Duration::from_secs(30 * 24 * 60 * 60);
+/// No upper bound in practice: moka allocates as entries arrive, not up front.
+const MAX_DEDUP_ENTRIES: u64 = u64::MAX;
+const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
+
 const APNS_PRODUCTION: &str = "https://api.push.apple.com";
 const APNS_SANDBOX: &str = "https://api.sandbox.push.apple.com";
 const FCM_DEFAULT: &str = "https://fcm.googleapis.com";
@@ -365,19 +361,45 @@ impl Checker<'_> {
         }
     }
 
+    /// Parses a duration (`default` when absent) and checks it is at most `max`.
     fn duration(
         &self,
         key: &str,
         value: Option<&str>,
         default: &str,
+        max: Duration,
     ) -> Result<Duration, ConfigError> {
         let text = value.unwrap_or(default);
-        humantime::parse_duration(text).map_err(|e| {
+        let d = humantime::parse_duration(text).map_err(|e| {
             self.invalid(
                 key,
                 format!("{text:?} is not a duration ({e}); use e.g. \"10s\" or \"200ms\""),
             )
-        })
+        })?;
+        if d > max {
+            return Err(self.invalid(
+                key,
+                format!("{text:?} is too long (at most {})", humantime::format_duration(max)),
+            ));
+        }
+        Ok(d)
+    }
+
+    /// Checks `min <= value <= max` for a count.
+    fn count<T: PartialOrd + fmt::Display>(
+        &self,
+        key: &str,
+        value: T,
+        min: T,
+        max: T,
+    ) -> Result<T, ConfigError> {
+        if value < min {
+            return Err(self.invalid(key, format!("must be at least {min}")));
+        }
+        if value > max {
+            return Err(self.invalid(key, format!("{value} is too large (at most {max})")));
+        }
+        Ok(value)
     }
 
     fn addr(&self, key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
@@ -444,7 +466,11 @@ impl Config {
     /// resolved against `base_dir`.
     pub fn from_yaml(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigError> {
         let check = Checker { file, base_dir };
-        let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+        // No snippet: by default the error quotes the offending line, and a typo'd key
+        // (`proxi: "http://user:pass@…"`) would print its value. Line and column remain.
+        let options = serde_saphyr::options! { with_snippet: false };
+        let Tracked(raw): Tracked<RawConfig> = serde_saphyr::from_str_with_options(text, options)
+            .map_err(|e| ConfigError::Parse {
             file: file.to_owned(),
             message: one_line(&e.to_string()),
         })?;
@@ -461,38 +487,49 @@ impl Config {
             .enumerate()
             .map(|(i, s)| check.addr(&format!("listen[{i}]"), s))
             .collect::<Result<Vec<_>, _>>()?;
-        let admin_listen = match raw.admin_listen.as_deref() {
-            None => None,
-            Some(s) => {
-                let addr = check.addr("admin_listen", s)?;
-                // Port 0 means "any free port": never the same socket as a listen address.
-                if addr.port() != 0 && listen.contains(&addr) { None } else { Some(addr) }
-            }
-        };
-        if raw.max_body_bytes < 1024 {
-            return Err(check.invalid("max_body_bytes", "must be at least 1024"));
+        let admin_listen =
+            raw.admin_listen.as_deref().map(|s| check.addr("admin_listen", s)).transpose()?;
+        let max_body_bytes =
+            check.count("max_body_bytes", raw.max_body_bytes, 1024, MAX_BODY_BYTES)?;
+        let max_inflight_requests = check.count(
+            "max_inflight_requests",
+            raw.max_inflight_requests,
+            1,
+            MAX_INFLIGHT_REQUESTS,
+        )?;
+        let request_deadline = check.duration(
+            "request_deadline",
+            raw.request_deadline.as_deref(),
+            "10s",
+            MAX_TIMEOUT,
+        )?;
+        if request_deadline.is_zero() {
+            return Err(check.invalid("request_deadline", "must be greater than zero"));
         }
-        if raw.max_inflight_requests == 0 {
-            return Err(check.invalid("max_inflight_requests", "must be at least 1"));
+        let upstream_timeout = check.duration(
+            "upstream_timeout",
+            raw.upstream_timeout.as_deref(),
+            "5s",
+            MAX_TIMEOUT,
+        )?;
+        if upstream_timeout.is_zero() {
+            return Err(check.invalid("upstream_timeout", "must be greater than zero"));
         }
-        let request_deadline =
-            check.duration("request_deadline", raw.request_deadline.as_deref(), "10s")?;
-        let upstream_timeout =
-            check.duration("upstream_timeout", raw.upstream_timeout.as_deref(), "5s")?;
-        if request_deadline.is_zero() || upstream_timeout.is_zero() {
-            return Err(check.invalid("request_deadline", "timeouts must be greater than zero"));
-        }
+        let shutdown_grace =
+            check.duration("shutdown_grace", raw.shutdown_grace.as_deref(), "10s", MAX_TIMEOUT)?;
         let retry = RetryPolicy {
             attempts: raw.retry.attempts.unwrap_or(3),
             initial_backoff: check.duration(
                 "retry.initial_backoff",
                 raw.retry.initial_backoff.as_deref(),
                 "200ms",
+                MAX_TIMEOUT,
             )?,
             max_backoff: check.duration(
                 "retry.max_backoff",
                 raw.retry.max_backoff.as_deref(),
                 "2s",
+                MAX_TIMEOUT,
             )?,
         };
         if retry.attempts == 0 {
@@ -525,8 +562,13 @@ impl Config {
             return Err(check.invalid("dedup.redis_url", "only used with backend: redis"));
         }
         let dedup = DedupConfig {
-            ttl: check.duration("dedup.ttl", raw.dedup.ttl.as_deref(), "1h")?,
-            max_entries: raw.dedup.max_entries.unwrap_or(200_000),
+            ttl: check.duration("dedup.ttl", raw.dedup.ttl.as_deref(), "1h", MAX_DEDUP_TTL)?,
+            max_entries: check.count(
+                "dedup.max_entries",
+                raw.dedup.max_entries.unwrap_or(200_000),
+                1,
+                MAX_DEDUP_ENTRIES,
+            )?,
         };
         let proxy = raw.proxy.as_deref().map(|p| parse_proxy(&check, p)).transpose()?;
 
@@ -551,23 +593,50 @@ impl Config {
             apps.push(AppConfig { pattern, kind });
         }
 
-        Ok(Config {
-            listen,
-            admin_listen,
-            max_body_bytes: raw.max_body_bytes,
+        let mut config = Config {
+            listen: Vec::new(),
+            admin_listen: None,
+            max_body_bytes,
             request_deadline,
             upstream_timeout,
             retry,
-            max_inflight_requests: raw.max_inflight_requests,
-            shutdown_grace: check.duration(
-                "shutdown_grace",
-                raw.shutdown_grace.as_deref(),
-                "10s",
-            )?,
+            max_inflight_requests,
+            shutdown_grace,
             log,
             dedup,
             proxy,
             apps,
+        };
+        config.set_listen(listen, admin_listen);
+        Ok(config)
+    }
+
+    /// Sets the notify listen addresses and the admin address. An admin address equal to a
+    /// listen address means "serve the admin routes on that listener" (`admin_listen` becomes
+    /// `None`), except with port 0 ("any free port"), which always gets a socket of its own.
+    ///
+    /// The one place this rule lives: `from_yaml` and `herald serve --listen/--admin-listen`
+    /// both go through it.
+    pub fn set_listen(&mut self, listen: Vec<SocketAddr>, admin: Option<SocketAddr>) {
+        self.admin_listen = admin.filter(|a| a.port() == 0 || !listen.contains(a));
+        self.listen = listen;
+    }
+}
+
+/// Deserializes `T` through `serde_path_to_error`, so an error names its YAML path
+/// (`apps: invalid type: sequence, expected a map`) even without a snippet of the line.
+struct Tracked<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Tracked<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde_path_to_error::deserialize(d).map(Tracked).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path == "." || path == "?" {
+                inner
+            } else {
+                serde::de::Error::custom(format!("{path}: {inner}"))
+            }
         })
     }
 }
@@ -679,9 +748,7 @@ fn apns(check: &Checker<'_>, key: &str, raw: RawApns) -> Result<ApnsConfig, Conf
     if raw.topic.is_empty() {
         return Err(check.invalid(format!("{key}.topic"), "must not be empty"));
     }
-    if raw.max_concurrency == 0 {
-        return Err(check.invalid(format!("{key}.max_concurrency"), "must be at least 1"));
-    }
+    check.count(&format!("{key}.max_concurrency"), raw.max_concurrency, 1, MAX_APP_CONCURRENCY)?;
     Ok(ApnsConfig {
         auth,
         topic: raw.topic,
@@ -711,9 +778,7 @@ fn fcm(check: &Checker<'_>, key: &str, raw: RawFcm) -> Result<FcmConfig, ConfigE
             ));
         }
     };
-    if raw.max_concurrency == 0 {
-        return Err(check.invalid(format!("{key}.max_concurrency"), "must be at least 1"));
-    }
+    check.count(&format!("{key}.max_concurrency"), raw.max_concurrency, 1, MAX_APP_CONCURRENCY)?;
     Ok(FcmConfig {
         service_account_json: json.into(),
         project_id,
@@ -773,6 +838,74 @@ mod tests {
     }
 
     #[test]
+    fn values_that_would_overflow_later_are_refused_naming_the_key() {
+        let cases = [
+            ("max_inflight_requests: 1000001\n", "max_inflight_requests"),
+            ("max_body_bytes: 67108865\n", "max_body_bytes"),
+            ("request_deadline: \"1h 1s\"\n", "request_deadline"),
+            ("upstream_timeout: \"100000000years\"\n", "upstream_timeout"),
+            ("shutdown_grace: \"2h\"\n", "shutdown_grace"),
+            ("retry: { initial_backoff: \"61m\" }\n", "retry.initial_backoff"),
+            ("retry: { max_backoff: \"1day\" }\n", "retry.max_backoff"),
+            ("dedup: { ttl: \"31days\" }\n", "dedup.ttl"),
+            ("dedup: { max_entries: 0 }\n", "dedup.max_entries"),
+            ("upstream_timeout: 0s\n", "upstream_timeout"),
+        ];
+        for (yaml, key) in cases {
+            let e = parse(yaml).unwrap_err().to_string();
+            assert!(e.contains(key), "error for {yaml:?} should name {key}: {e}");
+        }
+        // The bounds themselves are allowed.
+        let c = parse(
+            "max_inflight_requests: 1000000\nmax_body_bytes: 67108864\nrequest_deadline: 1h\n\
+             shutdown_grace: 1h\ndedup: { ttl: 30days, max_entries: 1 }\n",
+        )
+        .unwrap();
+        assert_eq!(c.max_inflight_requests, 1_000_000);
+        assert_eq!(c.dedup.ttl, MAX_DEDUP_TTL);
+    }
+
+    #[test]
+    fn app_max_concurrency_is_bounded() {
+        let dir = p8_dir("concurrency");
+        let yaml = |n: usize| {
+            format!(
+                "apps:\n  x:\n    type: apns\n    topic: t\n    key_file: k.p8\n    key_id: K\n    team_id: T\n    max_concurrency: {n}\n"
+            )
+        };
+        let e = Config::from_yaml(&yaml(100_001), "gateway.yaml", &dir).unwrap_err().to_string();
+        assert!(e.contains("apps.x.max_concurrency") && e.contains("100000"), "{e}");
+        Config::from_yaml(&yaml(100_000), "gateway.yaml", &dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn yaml_errors_name_the_key_but_never_quote_its_value() {
+        let e = parse("listen: \"127.0.0.1:5000\"\nproxi: \"http://user:secret@proxy:3128\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("proxi"), "{e}");
+        assert!(!e.contains("secret"), "the YAML line was quoted: {e}");
+        assert!(e.contains("line 2"), "line information is kept: {e}");
+    }
+
+    #[test]
+    fn set_listen_shares_an_equal_admin_address_except_port_0() {
+        let mut c = parse("apps:\n  a.b:\n    type: log\n").unwrap();
+        let a: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:7001".parse().unwrap();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        c.set_listen(vec![a], Some(a));
+        assert_eq!((c.listen.clone(), c.admin_listen), (vec![a], None));
+        c.set_listen(vec![a], Some(b));
+        assert_eq!(c.admin_listen, Some(b));
+        c.set_listen(vec![any], Some(any));
+        assert_eq!((c.listen.clone(), c.admin_listen), (vec![any], Some(any)));
+        c.set_listen(vec![b], None);
+        assert_eq!(c.admin_listen, None);
+    }
+
+    #[test]
     fn proxy_credentials_become_basic_auth_and_are_not_debug_printed() {
         let c = parse("proxy: \"http://user:secret@proxy.local:3128\"\n").unwrap();
         let p = c.proxy.unwrap();
@@ -787,9 +920,9 @@ mod tests {
         assert!(e.contains("apps.x") && e.contains("key_file"), "{e}");
     }
 
-    #[test]
-    fn apns_platform_picks_apples_host_unless_an_endpoint_is_set() {
-        let dir = std::env::temp_dir().join(format!("herald-config-test-{}", std::process::id()));
+    /// A fresh temp directory holding a P-256 `k.p8`.
+    fn p8_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("herald-config-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let rng = ring::rand::SystemRandom::new();
         let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(
@@ -802,6 +935,12 @@ mod tests {
             base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pkcs8.as_ref())
         );
         std::fs::write(dir.join("k.p8"), pem).unwrap();
+        dir
+    }
+
+    #[test]
+    fn apns_platform_picks_apples_host_unless_an_endpoint_is_set() {
+        let dir = p8_dir("platform");
         let base = |extra: &str| {
             let yaml = format!(
                 "apps:\n  x:\n    type: apns\n    topic: t\n    key_file: k.p8\n    key_id: K\n    team_id: T\n{extra}"

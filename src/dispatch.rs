@@ -55,7 +55,9 @@ impl Summary {
         let mut seen = std::collections::HashSet::new();
         self.results
             .iter()
-            .filter(|(pushkey, r)| matches!(r, DeviceResult::Rejected(_)) && seen.insert(pushkey.as_str()))
+            .filter(|(pushkey, r)| {
+                matches!(r, DeviceResult::Rejected(_)) && seen.insert(pushkey.as_str())
+            })
             .map(|(pushkey, _)| pushkey.clone())
             .collect()
     }

@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
@@ -39,7 +40,8 @@ enum Command {
         #[arg(long)]
         admin_listen: Option<SocketAddr>,
     },
-    /// Validate the config (files readable, keys parse) and exit 0, or 64 with the reason.
+    /// Validate the config (files readable, keys parse, providers build) and exit 0, or 64 with
+    /// the reason.
     CheckConfig,
     /// Send one test push through a configured app and print the provider's answer.
     Send {
@@ -68,19 +70,11 @@ fn main() -> ExitCode {
         }
     };
     let command = cli.command.unwrap_or(Command::Serve { listen: Vec::new(), admin_listen: None });
-    if let Command::CheckConfig = command {
-        println!("{}: OK ({} apps)", cli.config.display(), config.apps.len());
-        return ExitCode::SUCCESS;
-    }
     if let Command::Serve { listen, admin_listen } = &command {
-        if !listen.is_empty() {
-            config.listen = listen.clone();
-        }
-        if let Some(admin) = admin_listen {
-            config.admin_listen = (!config.listen.contains(admin)).then_some(*admin);
-        }
+        let listen = if listen.is_empty() { config.listen.clone() } else { listen.clone() };
+        let admin = admin_listen.or(config.admin_listen);
+        config.set_listen(listen, admin);
     }
-    init_tracing(&config);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -88,11 +82,35 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Build the providers (TLS identities, trust roots, service accounts) before anything is
+    // bound, so a key that does not match its certificate is a configuration error for every
+    // command, `check-config` included, not a runtime failure of `serve`.
+    let dispatcher =
+        match runtime.block_on(async { Dispatcher::new(&config, Arc::new(Metrics::new())) }) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("herald: configuration error: {e}");
+                return ExitCode::from(EX_CONFIG);
+            }
+        };
+    if let Command::CheckConfig = command {
+        println!("{}: OK ({} apps)", cli.config.display(), config.apps.len());
+        return ExitCode::SUCCESS;
+    }
+    init_tracing(&config);
     let result = match command {
-        Command::Send { app_id, pushkey, body, event_id_only } => {
-            runtime.block_on(send(config, app_id, pushkey, body, event_id_only))
+        Command::Send { app_id, pushkey, body, event_id_only } => runtime.block_on(send(
+            &dispatcher,
+            config.request_deadline,
+            app_id,
+            pushkey,
+            body,
+            event_id_only,
+        )),
+        _ => {
+            drop(dispatcher);
+            runtime.block_on(serve(config)).map(|()| ExitCode::SUCCESS)
         }
-        _ => runtime.block_on(serve(config)).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -143,14 +161,14 @@ async fn shutdown_signal() {
 }
 
 async fn send(
-    config: Config,
+    dispatcher: &Dispatcher,
+    request_deadline: Duration,
     app_id: String,
     pushkey: String,
     body: String,
     event_id_only: bool,
 ) -> anyhow::Result<ExitCode> {
-    let deadline = tokio::time::Instant::now() + config.request_deadline;
-    let dispatcher = Dispatcher::new(&config, std::sync::Arc::new(Metrics::new()))?;
+    let deadline = tokio::time::Instant::now() + request_deadline;
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis();
     let data = event_id_only
         .then(|| json!({ "format": "event_id_only" }).as_object().cloned().unwrap_or_default());

@@ -5,8 +5,12 @@
 //! on types, so a malformed request gets `M_BAD_JSON` naming the field instead of a guess.
 //! [`parse`] is the only entry point; it never panics on any input.
 
+use std::fmt;
+
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
+
+use crate::providers::pushkey_hash;
 
 /// `{"notification": …}`.
 #[derive(Debug, Clone, Deserialize)]
@@ -110,8 +114,9 @@ impl Counts {
     }
 }
 
-/// One device (pusher) to notify.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// One device (pusher) to notify. Its `Debug` shows the pushkey only as a short hash and `data`
+/// only by its keys, so a stray `?device` in a log line leaks neither.
+#[derive(Clone, Default, Deserialize)]
 pub struct Device {
     /// The `app_id` given when the pusher was created.
     pub app_id: String,
@@ -123,6 +128,17 @@ pub struct Device {
     /// Presentation tweaks added by push rules (`sound`, `highlight`, …).
     #[serde(default)]
     pub tweaks: Option<Map<String, Value>>,
+}
+
+impl fmt::Debug for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Device")
+            .field("app_id", &self.app_id)
+            .field("pushkey_hash", &pushkey_hash(&self.pushkey))
+            .field("data_keys", &self.data.as_ref().map(|d| d.keys().collect::<Vec<_>>()))
+            .field("tweaks", &self.tweaks)
+            .finish()
+    }
 }
 
 impl Device {
@@ -270,6 +286,20 @@ mod tests {
             bad(r#"{"notification":{"devices":[{"app_id":"a","pushkey":"k"}],"prio":5}}"#)
                 .contains("prio")
         );
+    }
+
+    #[test]
+    fn device_debug_hides_the_pushkey_and_data_values() {
+        let n = parse(
+            br#"{"notification":{"devices":[{"app_id":"a","pushkey":"secret-token-123",
+            "data":{"auth":"secret-auth","default_payload":{"k":"secret-payload"}}}]}}"#,
+        )
+        .unwrap();
+        for text in [format!("{:?}", n.devices[0]), format!("{n:?}"), format!("{:#?}", n.devices)] {
+            assert!(!text.contains("secret"), "{text}");
+            assert!(text.contains(&pushkey_hash("secret-token-123")), "{text}");
+            assert!(text.contains("default_payload") && text.contains("auth"), "{text}");
+        }
     }
 
     #[test]

@@ -257,7 +257,7 @@ fn drop_members(value: &mut Value, over: usize, fit: &Fit<'_>) {
             (escaped_str_len(k) + 4 + serde_json::to_vec(v).map_or(0, |b| b.len()), k.clone())
         })
         .collect();
-    sizes.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    sizes.sort_unstable_by_key(|(size, _)| std::cmp::Reverse(*size));
     let mut removed = 0;
     for (size, key) in sizes {
         if removed >= over {

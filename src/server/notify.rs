@@ -3,9 +3,12 @@
 //! The answer is 200 `{"rejected": […]}` only when every device was delivered or rejected;
 //! otherwise 502 with the same `rejected` list, so the homeserver retries and dedup keeps the
 //! retry from alerting anyone twice. The whole request, body read included, is bounded by
-//! `request_deadline`. Never answers 200 for a device that was not delivered.
+//! `request_deadline`; reading the body alone by [`BODY_READ_TIMEOUT`] (or the deadline, if
+//! shorter), so a client trickling its body cannot hold an in-flight permit for long. Never
+//! answers 200 for a device that was not delivered.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
@@ -17,6 +20,10 @@ use tokio::time::Instant;
 use super::AppState;
 use super::error::ApiError;
 use crate::notification::{self, NotifyResponse, ParseError};
+
+/// How long after the request started its body must be fully read (408 otherwise). Homeservers
+/// send a few kilobytes at once; only a stalled or malicious client takes longer.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn notify(State(state): State<AppState>, request: Request) -> Response {
     let started = Instant::now();
@@ -38,7 +45,8 @@ async fn handle(
     };
     let _gauge = GaugeGuard::new(state);
     let deadline = started + state.request_deadline;
-    let body = read_body(request.into_body(), state.max_body_bytes, deadline).await?;
+    let body_deadline = started + state.request_deadline.min(BODY_READ_TIMEOUT);
+    let body = read_body(request.into_body(), state.max_body_bytes, body_deadline).await?;
     let notification = notification::parse(&body).map_err(|e| match e {
         ParseError::NotJson(m) => ApiError::NotJson(m),
         ParseError::BadJson(m) => ApiError::BadJson(m),

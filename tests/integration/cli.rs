@@ -140,6 +140,43 @@ fn bad_configs_exit_64_naming_the_yaml_path() {
 }
 
 #[test]
+fn check_config_builds_the_providers() {
+    // Each file parses on its own; only building the TLS client shows they are unusable.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let (cert, _) = ca.issue_client_cert("one");
+    let (_, other_key) = ca.issue_client_cert("two");
+    let mismatched = write_file(dir.path(), "mismatched.pem", format!("{cert}{other_key}"));
+    let (code, text) = check(&format!(
+        "apps:\n  im.example.ios:\n    type: apns\n    topic: t\n    cert_file: {}\n",
+        mismatched.display()
+    ));
+    assert_eq!(code, 64, "{text}");
+    assert!(text.starts_with("herald: configuration error: "), "{text}");
+    assert!(text.contains("apps.im.example.ios") && text.contains("cert_file"), "{text}");
+    assert_eq!(text.trim().lines().count(), 1, "one readable line: {text}");
+
+    let garbage_der = "-----BEGIN CERTIFICATE-----\nAAECAwQF\n-----END CERTIFICATE-----\n";
+    let ca_file = write_file(dir.path(), "ca.pem", garbage_der);
+    let (key_cert, key) = ca.issue_client_cert("ok");
+    let good = write_file(dir.path(), "good.pem", format!("{key_cert}{key}"));
+    let (code, text) = check(&format!(
+        "apps:\n  im.example.ios:\n    type: apns\n    topic: t\n    cert_file: {}\n    ca_file: {}\n",
+        good.display(),
+        ca_file.display()
+    ));
+    assert_eq!(code, 64, "{text}");
+    assert!(text.contains("apps.im.example.ios") && text.contains("ca_file"), "{text}");
+
+    // The same files without the bad CA pass.
+    let (code, text) = check(&format!(
+        "apps:\n  im.example.ios:\n    type: apns\n    topic: t\n    cert_file: {}\n",
+        good.display()
+    ));
+    assert_eq!(code, 0, "{text}");
+}
+
+#[test]
 fn missing_config_file_exits_64() {
     let out = herald(&["check-config", "--config", "/nonexistent/gateway.yaml"]);
     assert_eq!(out.status.code(), Some(64));

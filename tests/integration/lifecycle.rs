@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use http::{Method, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use crate::support::fake_apns::{FakeApns, Reply};
 use crate::support::gateway::{
@@ -100,4 +102,54 @@ async fn shutdown_grace_bounds_the_drain() {
         .expect("run returns once the grace period is over")
         .unwrap()
         .unwrap();
+}
+
+/// Reads until the server closes the connection (EOF or reset); panics if it does not within
+/// `bound`, or if it answers anything.
+async fn expect_closed_without_answer(mut stream: TcpStream, bound: Duration) {
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(bound, stream.read(&mut buf))
+        .await
+        .expect("the server closes a connection that does not finish its request head");
+    match read {
+        Ok(0) | Err(_) => {}
+        Ok(n) => panic!("unexpected answer: {}", String::from_utf8_lossy(&buf[..n])),
+    }
+}
+
+#[tokio::test]
+async fn slow_or_silent_clients_are_disconnected() {
+    let gw = TestGateway::start(&Settings::default()).await;
+    // Half a request head, then nothing (slow loris).
+    let mut partial = TcpStream::connect(gw.addr).await.unwrap();
+    partial.write_all(b"POST /_matrix/push/v1/notify HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    // Connected, but not a single byte: hyper cannot even tell HTTP/1 from HTTP/2 yet.
+    let silent = TcpStream::connect(gw.addr).await.unwrap();
+    // The bound is generous: this checks that the connections are closed, not exact timing.
+    let bound = herald::app::HEADER_READ_TIMEOUT + Duration::from_secs(5);
+    tokio::join!(
+        expect_closed_without_answer(partial, bound),
+        expect_closed_without_answer(silent, bound),
+    );
+    // The gateway still serves everyone else.
+    let r = gw.request(Method::GET, &gw.url("/health"), Vec::new()).await;
+    assert_eq!(r.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn an_idle_connection_still_drains_on_shutdown() {
+    // A kept-alive connection with no request in flight must not hold up the drain.
+    let mut gw =
+        TestGateway::start(&Settings { shutdown_grace: "30s", ..Settings::default() }).await;
+    let mut idle = TcpStream::connect(gw.addr).await.unwrap();
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 512];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+    tokio::time::timeout(Duration::from_secs(5), gw.begin_shutdown())
+        .await
+        .expect("run returns without waiting for the idle connection")
+        .unwrap()
+        .unwrap();
+    expect_closed_without_answer(idle, Duration::from_secs(5)).await;
 }

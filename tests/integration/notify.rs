@@ -1,7 +1,10 @@
 //! `/notify` input handling, routes and app lookup, against the real `App` with log apps.
 
+use std::time::{Duration, Instant};
+
 use http::{Method, StatusCode};
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::gateway::{Settings, TestGateway, log_app, message};
 
@@ -215,4 +218,41 @@ async fn metrics_text_matches_the_golden_file() {
         "/metrics differs from {}",
         path.display()
     );
+}
+
+#[tokio::test]
+async fn a_body_that_stalls_is_answered_408_before_the_request_deadline() {
+    // request_deadline is long; the body read still gets only BODY_READ_TIMEOUT (5s).
+    let gw = TestGateway::start(&Settings { request_deadline: "60s", ..Settings::default() }).await;
+    let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /_matrix/push/v1/notify HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n\
+              content-length: 100\r\n\r\n{\"notific",
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    let complete = |a: &[u8]| {
+        let text = String::from_utf8_lossy(a);
+        text.split_once("\r\n\r\n").is_some_and(|(_, body)| body.ends_with('}'))
+    };
+    while !complete(&answer) {
+        let n = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut buf))
+            .await
+            .expect("an answer before the request deadline")
+            .unwrap();
+        assert!(n > 0, "closed without an answer: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    // Generous bound: between the 5s body bound and the 60s request deadline.
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    let (_, body) = text.split_once("\r\n\r\n").unwrap();
+    let json: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(json["errcode"], "M_UNKNOWN");
+    assert_eq!(json["error"], "timed out reading the request body");
 }
