@@ -232,6 +232,7 @@ impl Dispatcher {
                 break;
             }
             debug!(app = %app.labels.app, attempt, ?wait, reason = %last, "retrying");
+            self.metrics.retry(&app.labels);
             tokio::time::sleep(wait).await;
         }
         DeviceResult::Failed(last)

@@ -18,6 +18,7 @@ pub const DEVICE_OUTCOMES: &str = "herald_device_outcomes_total";
 pub const UPSTREAM_RESPONSES: &str = "herald_upstream_responses_total";
 pub const UPSTREAM_DURATION: &str = "herald_upstream_duration_seconds";
 pub const DEDUP_HITS: &str = "herald_dedup_hits_total";
+pub const UPSTREAM_RETRIES: &str = "herald_upstream_retries_total";
 pub const INFLIGHT_REQUESTS: &str = "herald_inflight_requests";
 pub const NOTIFY_DURATION: &str = "herald_notify_duration_seconds";
 
@@ -49,6 +50,7 @@ impl Metrics {
         describe(DEVICE_OUTCOMES, None, "Final outcome per device: delivered, rejected or failed.");
         describe(UPSTREAM_RESPONSES, None, "Upstream answers by HTTP status (or error).");
         describe(DEDUP_HITS, None, "Devices answered from the dedup cache without a send.");
+        describe(UPSTREAM_RETRIES, None, "Upstream attempts repeated after a transient failure.");
         recorder.describe_histogram(
             UPSTREAM_DURATION.into(),
             Some(Unit::Seconds),
@@ -115,6 +117,14 @@ impl Metrics {
         self.recorder
             .register_histogram(&Key::from_parts(UPSTREAM_DURATION, hist_labels), &METADATA)
             .record(elapsed.as_secs_f64());
+    }
+
+    /// Another attempt is about to be made for one device.
+    pub fn retry(&self, app: &AppLabels) {
+        let labels: Vec<_> = app_labels(app).collect();
+        self.recorder
+            .register_counter(&Key::from_parts(UPSTREAM_RETRIES, labels), &METADATA)
+            .increment(1);
     }
 
     /// A notify request answered with `status` after `elapsed`.

@@ -208,9 +208,7 @@ pub fn build_payload(n: &Notification, d: &Device, send_badge_counts: bool) -> O
         if let Some(missed) = n.counts.missed_calls {
             payload.insert("missed_calls".into(), missed.into());
         }
-        if let Some(badge) = badge {
-            aps(&mut payload).insert("badge".into(), badge.into());
-        }
+        // No `aps.badge`: the app's extension computes it from `unread_count` (DESIGN §3).
         return Some(Value::Object(payload));
     }
 

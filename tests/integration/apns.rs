@@ -322,6 +322,12 @@ async fn metrics_record_upstream_statuses() {
         )),
         "{text}"
     );
+    assert!(
+        text.contains(&format!(
+            r#"herald_upstream_retries_total{{app="{APP}",provider="apns"}} 1"#
+        )),
+        "{text}"
+    );
 }
 
 #[tokio::test]
