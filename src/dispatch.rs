@@ -21,7 +21,7 @@ use crate::config::{Config, RetryPolicy};
 use crate::dedup::{Dedup, DedupKey, Deduped, Final};
 use crate::metrics::Metrics;
 use crate::notification::{Device, Notification};
-use crate::providers::{AppLabels, BuildError, Outcome, Prepared, Provider, pushkey_hash};
+use crate::providers::{AppLabels, BuildError, Outcome, Prepared, Provider, Skip, pushkey_hash};
 
 /// A device's final result for this request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,11 +137,8 @@ impl Dispatcher {
             }
         };
         let result = match app.provider.prepare(n, d) {
-            Err(Outcome::Delivered) => DeviceResult::Delivered,
-            Err(Outcome::Rejected(why)) => DeviceResult::Rejected(why),
-            Err(Outcome::Failed(why) | Outcome::Retry { reason: why, .. }) => {
-                DeviceResult::Failed(why)
-            }
+            Err(Skip::NothingToSend) => DeviceResult::Delivered,
+            Err(Skip::BadPushkey(why)) => DeviceResult::Rejected(why),
             Ok(prepared) => match &n.event_id {
                 None => self.send(app, &prepared, deadline).await,
                 Some(event_id) => {

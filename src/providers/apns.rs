@@ -23,7 +23,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::Semaphore;
 
 use super::http::{ClientIdentity, HttpClient, Protocol, exchange};
-use super::{AppLabels, Fit, Outcome, fit_json, retry_after};
+use super::{AppLabels, Fit, Outcome, Skip, fit_json, retry_after};
 use crate::config::{ApnsAuth, ApnsConfig, ProxyConfig};
 use crate::metrics::Metrics;
 use crate::notification::{Device, Notification, Prio};
@@ -112,10 +112,10 @@ impl Apns {
         })
     }
 
-    pub fn prepare(&self, n: &Notification, d: &Device) -> Result<ApnsRequest, Outcome> {
+    pub fn prepare(&self, n: &Notification, d: &Device) -> Result<ApnsRequest, Skip> {
         let token = device_token(&d.pushkey, self.convert_to_hex)?;
         let Some(mut payload) = build_payload(n, d, self.send_badge_counts) else {
-            return Err(Outcome::Delivered);
+            return Err(Skip::NothingToSend);
         };
         let payload = Bytes::from(fit_json(&mut payload, &FIT));
         let priority = if n.prio == Prio::Low { "5" } else { "10" };
@@ -170,20 +170,20 @@ impl Apns {
 
 /// The token as it goes into the request path: APNs wants hex; homeservers usually store the
 /// base64 form the iOS SDK hands out, so it is converted when configured.
-pub fn device_token(pushkey: &str, convert_to_hex: bool) -> Result<String, Outcome> {
+pub fn device_token(pushkey: &str, convert_to_hex: bool) -> Result<String, Skip> {
     if convert_to_hex {
         let trimmed = pushkey.trim_end_matches('=');
         let bytes = STANDARD_NO_PAD.decode(trimmed).map_err(|_| {
-            Outcome::Rejected("pushkey is not base64 (convert_device_token_to_hex is on)".into())
+            Skip::BadPushkey("pushkey is not base64 (convert_device_token_to_hex is on)".into())
         })?;
         if bytes.is_empty() {
-            return Err(Outcome::Rejected("pushkey is empty".into()));
+            return Err(Skip::BadPushkey("pushkey is empty".into()));
         }
         Ok(hex::encode(bytes))
     } else if !pushkey.is_empty() && pushkey.bytes().all(|b| b.is_ascii_hexdigit()) {
         Ok(pushkey.to_ascii_lowercase())
     } else {
-        Err(Outcome::Rejected("pushkey is not a hex device token".into()))
+        Err(Skip::BadPushkey("pushkey is not a hex device token".into()))
     }
 }
 
@@ -400,9 +400,9 @@ mod tests {
     fn token_conversion() {
         assert_eq!(device_token("AAEC", true).unwrap(), "000102");
         assert_eq!(device_token("AAECAw==", true).unwrap(), "00010203");
-        assert!(matches!(device_token("not base64!", true), Err(Outcome::Rejected(_))));
+        assert!(matches!(device_token("not base64!", true), Err(Skip::BadPushkey(_))));
         assert_eq!(device_token("ABCDEF", false).unwrap(), "abcdef");
-        assert!(matches!(device_token("../x", false), Err(Outcome::Rejected(_))));
+        assert!(matches!(device_token("../x", false), Err(Skip::BadPushkey(_))));
     }
 
     #[test]

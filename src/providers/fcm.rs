@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 
 use super::http::{HttpClient, Protocol, exchange};
 use super::oauth::{TokenError, TokenSource};
-use super::{AppLabels, Fit, Outcome, fit_json, retry_after, truncate_text};
+use super::{AppLabels, Fit, Outcome, Skip, fit_json, retry_after, truncate_text};
 use crate::config::{FcmConfig, ProxyConfig};
 use crate::metrics::Metrics;
 use crate::notification::{Device, Notification, Prio};
@@ -86,12 +86,12 @@ impl Fcm {
         })
     }
 
-    pub fn prepare(&self, n: &Notification, d: &Device) -> Result<FcmRequest, Outcome> {
+    pub fn prepare(&self, n: &Notification, d: &Device) -> Result<FcmRequest, Skip> {
         if d.pushkey.is_empty() {
-            return Err(Outcome::Rejected("pushkey is empty".into()));
+            return Err(Skip::BadPushkey("pushkey is empty".into()));
         }
         if n.is_badge_only() && !self.send_badge_counts {
-            return Err(Outcome::Delivered);
+            return Err(Skip::NothingToSend);
         }
         let message = build_message(n, d, self.send_badge_counts, self.notification, &self.android);
         let body = serde_json::to_vec(&json!({ "message": message })).unwrap_or_default();

@@ -36,6 +36,15 @@ pub enum Outcome {
     Failed(String),
 }
 
+/// Why [`Provider::prepare`] built no request for a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Skip {
+    /// Nothing to send (a badge update for an app with `send_badge_counts: false`): done.
+    NothingToSend,
+    /// The pushkey cannot be used with this provider at all: report it rejected.
+    BadPushkey(String),
+}
+
 /// A provider-ready request, built once per device and re-sent on retries.
 #[derive(Debug)]
 pub enum Prepared {
@@ -96,10 +105,8 @@ impl Provider {
         }
     }
 
-    /// Builds the request for one device. `Err` is a final outcome reached without any request:
-    /// `Rejected` for a malformed pushkey, `Delivered` when there is nothing to send (a badge
-    /// update for an app with `send_badge_counts: false`).
-    pub fn prepare(&self, n: &Notification, d: &Device) -> Result<Prepared, Outcome> {
+    /// Builds the request for one device, or says why there is none to send.
+    pub fn prepare(&self, n: &Notification, d: &Device) -> Result<Prepared, Skip> {
         match self {
             Provider::Apns(p) => p.prepare(n, d).map(Prepared::Apns),
             Provider::Fcm(p) => p.prepare(n, d).map(Prepared::Fcm),
