@@ -117,7 +117,7 @@ impl Apns {
         let Some(mut payload) = build_payload(n, d, self.send_badge_counts) else {
             return Err(Skip::NothingToSend);
         };
-        let payload = Bytes::from(fit_json(&mut payload, &FIT));
+        let payload = Bytes::from(fit(&mut payload));
         let priority = if n.prio == Prio::Low { "5" } else { "10" };
         Ok(ApnsRequest { token, payload, priority })
     }
@@ -166,6 +166,11 @@ impl Apns {
         }
         outcome
     }
+}
+
+/// Serializes a payload within Apple's 4096 bytes, shortening texts if needed.
+pub fn fit(payload: &mut Value) -> Vec<u8> {
+    fit_json(payload, &FIT)
 }
 
 /// The token as it goes into the request path: APNs wants hex; homeservers usually store the

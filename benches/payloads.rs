@@ -1,0 +1,71 @@
+//! Criterion benches for the per-device hot path: parsing a notify body, building APNs and FCM
+//! payloads (including the shortening of oversized content), and the dedup key.
+//!
+//! `cargo bench --bench payloads`. Compare runs on one machine only; these machines are noisy.
+
+use criterion::{BenchmarkId, Criterion, black_box, criterion_group, criterion_main};
+use herald::dedup::DedupKey;
+use herald::notification::{self, Notification};
+use herald::providers::{apns, fcm};
+use serde_json::json;
+
+fn body(content_body: &str, devices: usize) -> Vec<u8> {
+    let devices: Vec<_> = (0..devices)
+        .map(|i| json!({"app_id": "im.example.ios", "pushkey": format!("pushkey-{i:04}"), "data": {}, "tweaks": {"sound": "bing"}}))
+        .collect();
+    serde_json::to_vec(&json!({"notification": {
+        "event_id": "$3957tyerfgewrf384", "room_id": "!slw48wfj34rtnrf:example.com", "type": "m.room.message",
+        "sender": "@exampleuser:matrix.org", "sender_display_name": "Major Tom", "room_name": "Mission Control",
+        "room_alias": "#exampleroom:matrix.org", "prio": "high",
+        "content": {"msgtype": "m.text", "body": content_body},
+        "counts": {"unread": 2, "missed_calls": 1}, "devices": devices,
+    }}))
+    .unwrap()
+}
+
+fn parsed(content_body: &str) -> Notification {
+    notification::parse(&body(content_body, 1)).unwrap()
+}
+
+fn benches(c: &mut Criterion) {
+    let mut group = c.benchmark_group("parse");
+    for devices in [1, 20] {
+        let b = body("I'm floating in a most peculiar way.", devices);
+        group.bench_with_input(BenchmarkId::new("notify_body", devices), &b, |bench, b| {
+            bench.iter(|| notification::parse(black_box(b)).unwrap())
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("payload");
+    for (name, text) in [
+        ("short", "I'm floating in a most peculiar way.".to_owned()),
+        ("oversized", "ü".repeat(20_000)),
+    ] {
+        let n = parsed(&text);
+        let d = &n.devices[0];
+        group.bench_function(BenchmarkId::new("apns", name), |bench| {
+            bench.iter(|| {
+                let mut p = apns::build_payload(black_box(&n), d, true).unwrap();
+                apns::fit(&mut p)
+            })
+        });
+        group.bench_function(BenchmarkId::new("fcm", name), |bench| {
+            bench.iter(|| fcm::build_message(black_box(&n), d, true, false, &Default::default()))
+        });
+    }
+    group.finish();
+
+    c.bench_function("dedup_key", |bench| {
+        bench.iter(|| {
+            DedupKey::new(
+                black_box("$3957tyerfgewrf384"),
+                "im.example.ios",
+                "V2h5IG9uIGVhcnRoIGRpZCB5b3UgZGVjb2RlIHRoaXM/",
+            )
+        })
+    });
+}
+
+criterion_group!(payloads, benches);
+criterion_main!(payloads);
