@@ -2,30 +2,17 @@
 
 use std::time::Duration;
 
-use base64::Engine as _;
 use http::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::fake_apns::{FakeApns, Reply};
-use crate::support::gateway::{
-    APNS_KEY_ID, APNS_TEAM_ID, Settings, TestGateway, apns_app, message,
-};
-use crate::support::tls::TestCa;
+use crate::support::gateway::{Settings, TestGateway, WithApns, apns_token as token, message};
 
 const APP: &str = "im.example.ios";
 
-fn token(n: u8) -> (String, String) {
-    let raw = [n; 32];
-    (base64::engine::general_purpose::STANDARD.encode(raw), hex::encode(raw))
-}
-
 async fn setup(settings: Settings) -> (TestGateway, FakeApns, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new();
-    let (fake, p8) = FakeApns::start_token_auth(&ca, APNS_TEAM_ID, APNS_KEY_ID).await;
-    let apps = apns_app(APP, dir.path(), &fake, &ca, &p8, "");
-    let gw = TestGateway::start(&Settings { apps, ..settings }).await;
+    let WithApns { gw, fake, dir } = WithApns::start(APP, settings).await;
     (gw, fake, dir)
 }
 

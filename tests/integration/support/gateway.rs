@@ -112,7 +112,8 @@ pub fn apns_token(n: u8) -> (String, String) {
 pub struct WithApns {
     pub gw: TestGateway,
     pub fake: FakeApns,
-    _dir: tempfile::TempDir,
+    /// Holds the key files; dropping it deletes them.
+    pub dir: tempfile::TempDir,
 }
 
 impl WithApns {
@@ -122,7 +123,7 @@ impl WithApns {
         let (fake, p8) = FakeApns::start_token_auth(&ca, APNS_TEAM_ID, APNS_KEY_ID).await;
         let apps = apns_app(app_id, dir.path(), &fake, &ca, &p8, "");
         let gw = TestGateway::start(&Settings { apps, ..settings }).await;
-        WithApns { gw, fake, _dir: dir }
+        WithApns { gw, fake, dir }
     }
 }
 
