@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 use herald::config::{Config, LogFormat};
 use herald::dispatch::{DeviceResult, Dispatcher};
 use herald::notification::{Counts, Device, Notification};
+use herald::providers::BuildError;
 use herald::{App, metrics::Metrics};
 use serde_json::json;
 
@@ -82,38 +83,42 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // Build the providers (TLS identities, trust roots, service accounts) before anything is
-    // bound, so a key that does not match its certificate is a configuration error for every
-    // command, `check-config` included, not a runtime failure of `serve`.
-    let dispatcher =
-        match runtime.block_on(async { Dispatcher::new(&config, Arc::new(Metrics::new())) }) {
-            Ok(d) => d,
-            Err(e) => {
-                eprintln!("herald: configuration error: {e}");
-                return ExitCode::from(EX_CONFIG);
-            }
-        };
-    if let Command::CheckConfig = command {
-        println!("{}: OK ({} apps)", cli.config.display(), config.apps.len());
-        return ExitCode::SUCCESS;
-    }
-    init_tracing(&config);
+    // Providers (TLS identities, trust roots, service accounts) are built before anything is
+    // bound, by `App::build` for `serve` and here for the other commands; a `BuildError` is a
+    // configuration error (exit 64) for every command, `check-config` included.
+    let build = || runtime.block_on(async { Dispatcher::new(&config, Arc::new(Metrics::new())) });
     let result = match command {
-        Command::Send { app_id, pushkey, body, event_id_only } => runtime.block_on(send(
-            &dispatcher,
-            config.request_deadline,
-            app_id,
-            pushkey,
-            body,
-            event_id_only,
-        )),
-        _ => {
-            drop(dispatcher);
+        Command::CheckConfig => build()
+            .map(|_| {
+                println!("{}: OK ({} apps)", cli.config.display(), config.apps.len());
+                ExitCode::SUCCESS
+            })
+            .map_err(anyhow::Error::from),
+        Command::Send { app_id, pushkey, body, event_id_only } => match build() {
+            Err(e) => Err(e.into()),
+            Ok(dispatcher) => {
+                init_tracing(&config);
+                runtime.block_on(send(
+                    &dispatcher,
+                    config.request_deadline,
+                    app_id,
+                    pushkey,
+                    body,
+                    event_id_only,
+                ))
+            }
+        },
+        Command::Serve { .. } => {
+            init_tracing(&config);
             runtime.block_on(serve(config)).map(|()| ExitCode::SUCCESS)
         }
     };
     match result {
         Ok(code) => code,
+        Err(e) if e.downcast_ref::<BuildError>().is_some() => {
+            eprintln!("herald: configuration error: {e}");
+            ExitCode::from(EX_CONFIG)
+        }
         Err(e) => {
             eprintln!("herald: {e:#}");
             ExitCode::FAILURE

@@ -156,6 +156,17 @@ fn check_config_builds_the_providers() {
     assert!(text.contains("apps.im.example.ios") && text.contains("cert_file"), "{text}");
     assert_eq!(text.trim().lines().count(), 1, "one readable line: {text}");
 
+    // `serve` refuses the same file with the same exit code, before binding anything.
+    let yaml = format!(
+        "listen: \"127.0.0.1:0\"\napps:\n  im.example.ios:\n    type: apns\n    topic: t\n    cert_file: {}\n",
+        mismatched.display()
+    );
+    let config = write_file(dir.path(), "serve.yaml", yaml);
+    let out = herald(&["serve", "--config", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("herald: configuration error: apps.im.example.ios"), "{stderr}");
+
     let garbage_der = "-----BEGIN CERTIFICATE-----\nAAECAwQF\n-----END CERTIFICATE-----\n";
     let ca_file = write_file(dir.path(), "ca.pem", garbage_der);
     let (key_cert, key) = ca.issue_client_cert("ok");
