@@ -71,15 +71,6 @@ impl Dedup {
             Err(e) => Deduped::Failed((*e).clone()),
         }
     }
-
-    /// Entries currently held (approximate; for tests and metrics).
-    pub fn len(&self) -> u64 {
-        self.cache.entry_count()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 #[cfg(test)]

@@ -60,12 +60,6 @@ impl std::fmt::Debug for ApnsRequest {
     }
 }
 
-impl ApnsRequest {
-    pub fn payload_json(&self) -> Value {
-        serde_json::from_slice(&self.payload).unwrap_or(Value::Null)
-    }
-}
-
 /// One APNs app.
 pub struct Apns {
     client: HttpClient,

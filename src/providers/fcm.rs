@@ -43,12 +43,6 @@ impl std::fmt::Debug for FcmRequest {
     }
 }
 
-impl FcmRequest {
-    pub fn body_json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
-    }
-}
-
 /// One FCM app.
 pub struct Fcm {
     client: HttpClient,

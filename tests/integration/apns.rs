@@ -335,13 +335,9 @@ async fn upstream_connections_go_through_the_configured_connect_proxy() {
     use crate::support::proxy::ConnectProxy;
     // "user:pass" in base64.
     let proxy = ConnectProxy::start(Some("Basic dXNlcjpwYXNz")).await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new();
-    let (fake, p8) = FakeApns::start_token_auth(&ca, APNS_TEAM_ID, APNS_KEY_ID).await;
-    let apps = apns_app(APP, dir.path(), &fake, &ca, &p8, "");
-    let yaml = Settings { apps, ..Settings::default() }.yaml()
-        + &format!("proxy: \"{}\"\n", proxy.url("user:pass@"));
-    let gw = TestGateway::start_yaml(&yaml).await;
+    let s =
+        setup_with(Settings { proxy: Some(proxy.url("user:pass@")), ..Settings::default() }).await;
+    let (gw, fake) = (&s.gw, &s.fake);
     let (k, _) = token(82);
     let r = gw.notify(&message("$proxied", &[(APP, &k)])).await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.json);
@@ -357,13 +353,13 @@ async fn upstream_connections_go_through_the_configured_connect_proxy() {
 async fn a_proxy_refusing_credentials_is_a_failure() {
     use crate::support::proxy::ConnectProxy;
     let proxy = ConnectProxy::start(Some("Basic c29tZW9uZTplbHNl")).await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new();
-    let (fake, p8) = FakeApns::start_token_auth(&ca, APNS_TEAM_ID, APNS_KEY_ID).await;
-    let apps = apns_app(APP, dir.path(), &fake, &ca, &p8, "");
-    let yaml = Settings { apps, attempts: 1, ..Settings::default() }.yaml()
-        + &format!("proxy: \"{}\"\n", proxy.url("user:pass@"));
-    let gw = TestGateway::start_yaml(&yaml).await;
+    let s = setup_with(Settings {
+        proxy: Some(proxy.url("user:pass@")),
+        attempts: 1,
+        ..Settings::default()
+    })
+    .await;
+    let (gw, fake) = (&s.gw, &s.fake);
     let (k, _) = token(83);
     let r = gw.notify(&message("$refused", &[(APP, &k)])).await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);

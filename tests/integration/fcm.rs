@@ -6,10 +6,8 @@ use std::time::Duration;
 use http::StatusCode;
 use serde_json::json;
 
-use crate::support::fake_fcm::{FakeFcm, FcmReply};
-use crate::support::gateway::{
-    FCM_PROJECT, Settings, TestGateway, WithFcm, assert_golden, badge, fcm_app, message,
-};
+use crate::support::fake_fcm::FcmReply;
+use crate::support::gateway::{FCM_PROJECT, Settings, WithFcm, assert_golden, badge, message};
 
 const APP: &str = "im.example.android";
 
@@ -165,12 +163,8 @@ async fn long_fields_are_bounded() {
 async fn the_token_exchange_and_the_send_both_use_the_proxy() {
     use crate::support::proxy::ConnectProxy;
     let proxy = ConnectProxy::start(None).await;
-    let dir = tempfile::tempdir().unwrap();
-    let fake = FakeFcm::start().await;
-    let apps = fcm_app(APP, dir.path(), &fake, "");
-    let yaml = Settings { apps, ..Settings::default() }.yaml()
-        + &format!("proxy: \"{}\"\n", proxy.url(""));
-    let gw = TestGateway::start_yaml(&yaml).await;
+    let s = setup_with(Settings { proxy: Some(proxy.url("")), ..Settings::default() }, "").await;
+    let (gw, fake) = (&s.gw, &s.fake);
     let r = gw.notify(&message("$proxied", &[(APP, "via-proxy")])).await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.json);
     assert_eq!(fake.token_requests(), 1);

@@ -34,6 +34,8 @@ pub struct Settings {
     pub max_inflight_requests: usize,
     pub shutdown_grace: &'static str,
     pub separate_admin: bool,
+    /// `proxy:` URL, when upstream connections must tunnel through one.
+    pub proxy: Option<String>,
     /// YAML fragment for `apps:` (each line indented by two spaces).
     pub apps: String,
 }
@@ -50,6 +52,7 @@ impl Default for Settings {
             max_inflight_requests: 64,
             shutdown_grace: "5s",
             separate_admin: true,
+            proxy: None,
             apps: log_app("im.example.debug"),
         }
     }
@@ -58,8 +61,9 @@ impl Default for Settings {
 impl Settings {
     pub fn yaml(&self) -> String {
         let admin = if self.separate_admin { "admin_listen: \"127.0.0.1:0\"\n" } else { "" };
+        let proxy = self.proxy.as_ref().map(|p| format!("proxy: \"{p}\"\n")).unwrap_or_default();
         format!(
-            "listen: \"127.0.0.1:0\"\n{admin}max_body_bytes: {}\nrequest_deadline: \"{}\"\nupstream_timeout: \"{}\"\n\
+            "listen: \"127.0.0.1:0\"\n{admin}{proxy}max_body_bytes: {}\nrequest_deadline: \"{}\"\nupstream_timeout: \"{}\"\n\
              retry: {{ attempts: {}, initial_backoff: \"{}\", max_backoff: \"{}\" }}\n\
              max_inflight_requests: {}\nshutdown_grace: \"{}\"\nlog: {{ level: debug }}\napps:\n{}",
             self.max_body_bytes,
