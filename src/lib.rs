@@ -17,6 +17,7 @@ pub mod app;
 pub mod config;
 pub mod dedup;
 pub mod dispatch;
+pub mod homeserver;
 pub mod metrics;
 pub mod notification;
 pub mod providers;

@@ -1,8 +1,9 @@
 //! The `herald` command line: parse flags, load and check the config (binding nothing), set up
-//! logging, then serve, check the config, or send one test push.
+//! logging, then serve, check the config, or send one test push. `push-rules evaluate` needs no
+//! config: it runs the push-rule engine on files and prints the verdict.
 //!
-//! Exit codes: 0 success; 64 (EX_USAGE) bad configuration; 1 runtime failure; `send` exits 2
-//! when the provider rejected the pushkey.
+//! Exit codes: 0 success; 64 (EX_USAGE) bad configuration or unusable input files; 1 runtime
+//! failure; `send` exits 2 when the provider rejected the pushkey.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,6 +14,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::{Parser, Subcommand};
 use herald::config::{Config, LogFormat};
 use herald::dispatch::{DeviceResult, Dispatcher};
+use herald::homeserver::pushrules::{
+    CompiledRuleset, DisplayName, Evaluation, FlatEvent, PowerLevels, PushRulesContent, RoomCtx,
+    Ruleset,
+};
 use herald::notification::{Counts, Device, Notification};
 use herald::providers::BuildError;
 use herald::{App, metrics::Metrics};
@@ -59,10 +64,59 @@ enum Command {
         #[arg(long)]
         event_id_only: bool,
     },
+    /// Work with Matrix push rules (no config needed).
+    #[command(subcommand)]
+    PushRules(PushRulesCommand),
+}
+
+#[derive(Subcommand)]
+enum PushRulesCommand {
+    /// Would this event notify this user, and why? Prints the first matching rule as JSON:
+    /// {"rule_id", "actions", "notify", "tweaks"} (rule_id and actions are null when no rule
+    /// matches).
+    Evaluate(EvaluateArgs),
+}
+
+#[derive(clap::Args)]
+struct EvaluateArgs {
+    /// The event, as JSON (`type`, `sender`, `room_id`, `content`, …).
+    #[arg(long, value_name = "EVENT.json")]
+    event: PathBuf,
+    /// The user who would be notified: a full Matrix ID such as @alice:example.org.
+    #[arg(long)]
+    user_id: String,
+    /// The user's `m.push_rules` content ({"global": {...}}). Rules whose id starts with `.`
+    /// change the `enabled`/`actions` of that server-default rule; others are the user's own.
+    /// Without it, only the server-default rules apply.
+    #[arg(long, value_name = "RULES.json")]
+    rules: Option<PathBuf>,
+    /// The user's display name in the room (for `contains_display_name`).
+    #[arg(long)]
+    display_name: Option<String>,
+    /// The number of joined members (for `room_member_count`; without it those never match).
+    #[arg(long)]
+    member_count: Option<u64>,
+    /// The room's `m.room.power_levels` content, or the whole event (for
+    /// `sender_notification_permission`; without it, and without --sender-power-level, those
+    /// never match).
+    #[arg(long, value_name = "PL.json")]
+    power_levels: Option<PathBuf>,
+    /// The sender's power level, overriding what --power-levels says.
+    #[arg(long, allow_hyphen_values = true)]
+    sender_power_level: Option<i64>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::PushRules(PushRulesCommand::Evaluate(args))) = &cli.command {
+        return match evaluate_push_rules(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("herald: {e:#}");
+                ExitCode::from(EX_CONFIG)
+            }
+        };
+    }
     let mut config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -108,6 +162,7 @@ fn main() -> ExitCode {
                 ))
             }
         },
+        Command::PushRules(_) => unreachable!("handled before the config is loaded"),
         Command::Serve { .. } => {
             init_tracing(&config);
             runtime.block_on(serve(config)).map(|()| ExitCode::SUCCESS)
@@ -124,6 +179,74 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `herald push-rules evaluate`: every input problem is an error naming the file.
+fn evaluate_push_rules(args: &EvaluateArgs) -> anyhow::Result<()> {
+    use anyhow::{Context as _, bail};
+
+    fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> anyhow::Result<T> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let mut de = serde_json::Deserializer::from_str(&text);
+        serde_path_to_error::deserialize(&mut de)
+            .with_context(|| format!("{} is not valid", path.display()))
+    }
+
+    let user_id = args.user_id.as_str();
+    if !user_id.starts_with('@') || !user_id.contains(':') {
+        bail!("--user-id must be a full Matrix user ID such as @alice:example.org");
+    }
+    let event: serde_json::Value = read_json(&args.event)?;
+    if !event.is_object() {
+        bail!("{} must hold a JSON object (an event)", args.event.display());
+    }
+    let user_rules = match &args.rules {
+        Some(path) => read_json::<PushRulesContent>(path)?.global,
+        None => Ruleset::default(),
+    };
+    let (ruleset, ignored) = Ruleset::for_user(user_id, &user_rules);
+    for id in ignored {
+        eprintln!("herald: warning: `{id}` is not a server-default rule of its kind; ignored");
+    }
+    let mut levels = match &args.power_levels {
+        Some(path) => {
+            let pl: serde_json::Value = read_json(path)?;
+            // Accept the whole state event as well as its content.
+            let content = match pl.get("type").and_then(|t| t.as_str()) {
+                Some("m.room.power_levels") => pl.get("content").cloned().unwrap_or_default(),
+                _ => pl,
+            };
+            if !content.is_object() {
+                bail!("{} must hold a JSON object (power levels)", path.display());
+            }
+            Some(PowerLevels::from_content(&content))
+        }
+        None => None,
+    };
+    if let Some(level) = args.sender_power_level {
+        let sender = event.get("sender").and_then(|s| s.as_str()).unwrap_or_default();
+        levels.get_or_insert_with(PowerLevels::default).users.insert(sender.to_owned(), level);
+    }
+    let name = args.display_name.as_deref().map(DisplayName::new);
+    let room = RoomCtx {
+        member_count: args.member_count,
+        display_name: name.as_ref(),
+        power_levels: levels.as_ref(),
+    };
+    let compiled = CompiledRuleset::compile(&ruleset, user_id);
+    let flat = FlatEvent::new(&event);
+    if flat.sender() == Some(user_id) {
+        eprintln!("herald: note: {user_id} sent this event; a user's own events never notify");
+    }
+    let evaluation = Evaluation::from(compiled.evaluate(&flat, &room));
+    let out = if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        serde_json::to_string_pretty(&evaluation)?
+    } else {
+        serde_json::to_string(&evaluation)?
+    };
+    println!("{out}");
+    Ok(())
 }
 
 fn init_tracing(config: &Config) {

@@ -19,7 +19,7 @@ use crate::support::tls::{TestCa, write_file};
 
 const HERALD: &str = env!("CARGO_BIN_EXE_herald");
 
-fn herald(args: &[&str]) -> Output {
+pub(crate) fn herald(args: &[&str]) -> Output {
     Command::new(HERALD)
         .args(args)
         .env_remove("HERALD_CONFIG")

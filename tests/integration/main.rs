@@ -5,4 +5,5 @@ mod fakes_selftest;
 mod fcm;
 mod lifecycle;
 mod notify;
+mod pushrules_cli;
 mod support;
