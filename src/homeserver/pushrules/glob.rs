@@ -129,20 +129,11 @@ impl Glob {
         let boundary = |k: usize| k == 0 || k >= n || !t[k - 1].is_word() || !t[k].is_word();
         match &self.0 {
             Shape::Exact(seg) => {
-                let Some(last) = n.checked_sub(seg.len()) else { return false };
-                (0..=last).any(|i| boundary(i) && boundary(i + seg.len()) && seg_at(t, i, seg))
+                find_seg_where(t, 0, seg, |i| boundary(i) && boundary(i + seg.len())).is_some()
             }
             Shape::Starred { head, middle, tail } => {
                 // The earliest start leaves the most room for everything after it.
-                let start = if head.is_empty() {
-                    0
-                } else {
-                    let Some(last) = n.checked_sub(head.len()) else { return false };
-                    match (0..=last).find(|&i| boundary(i) && seg_at(t, i, head)) {
-                        Some(i) => i,
-                        None => return false,
-                    }
-                };
+                let Some(start) = find_seg_where(t, 0, head, boundary) else { return false };
                 let mut at = start + head.len();
                 for seg in middle {
                     match find_seg(t, at, seg) {
@@ -150,11 +141,8 @@ impl Glob {
                         None => return false,
                     }
                 }
-                if tail.is_empty() {
-                    return true; // the trailing `*` runs to the end of the text, a boundary
-                }
-                let Some(last) = n.checked_sub(tail.len()) else { return false };
-                (at..=last).any(|q| boundary(q + tail.len()) && seg_at(t, q, tail))
+                // With an empty tail, the trailing `*` runs to the end, which is a boundary.
+                find_seg_where(t, at, tail, |q| boundary(q + tail.len())).is_some()
             }
         }
     }
@@ -166,6 +154,8 @@ trait Sym: Copy {
     fn fold(self) -> char;
     /// Whether it is one of `[A-Za-z0-9_]`.
     fn is_word(self) -> bool;
+    /// The first position at or after `from` whose folded character is `c` (lower-cased).
+    fn find(t: &[Self], from: usize, c: char) -> Option<usize>;
 }
 
 impl Sym for u8 {
@@ -177,6 +167,17 @@ impl Sym for u8 {
     fn is_word(self) -> bool {
         self.is_ascii_alphanumeric() || self == b'_'
     }
+    fn find(t: &[u8], from: usize, c: char) -> Option<usize> {
+        let hay = t.get(from..)?;
+        let lower = u8::try_from(c).ok().filter(u8::is_ascii)?;
+        let upper = lower.to_ascii_uppercase();
+        let found = if upper == lower {
+            memchr::memchr(lower, hay)
+        } else {
+            memchr::memchr2(lower, upper, hay)
+        };
+        found.map(|i| from + i)
+    }
 }
 
 impl Sym for char {
@@ -187,6 +188,9 @@ impl Sym for char {
     #[inline]
     fn is_word(self) -> bool {
         self.is_ascii_alphanumeric() || self == '_'
+    }
+    fn find(t: &[char], from: usize, c: char) -> Option<usize> {
+        t.get(from..)?.iter().position(|&x| x == c).map(|i| from + i)
     }
 }
 
@@ -202,11 +206,34 @@ fn seg_at<S: Sym>(t: &[S], i: usize, seg: &[Tok]) -> bool {
 /// The first position at or after `from` where `seg` matches.
 fn find_seg<S: Sym>(t: &[S], from: usize, seg: &[Tok]) -> Option<usize> {
     let last = t.len().checked_sub(seg.len())?;
-    match seg.first() {
-        Some(Tok::Lit(first)) => {
-            (from..=last).filter(|&i| t[i].fold() == *first).find(|&i| seg_at(t, i, seg))
+    let mut i = from;
+    while i <= last {
+        if let Some(Tok::Lit(c)) = seg.first() {
+            // Jump to the next place the first character occurs (memchr on ASCII text).
+            i = S::find(&t[..=last], i, *c)?;
         }
-        _ => (from..=last).find(|&i| seg_at(t, i, seg)),
+        if seg_at(t, i, seg) {
+            return Some(i);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The first position at or after `from` where `seg` matches and `ok` holds.
+fn find_seg_where<S: Sym>(
+    t: &[S],
+    from: usize,
+    seg: &[Tok],
+    ok: impl Fn(usize) -> bool,
+) -> Option<usize> {
+    let mut i = from;
+    loop {
+        let at = find_seg(t, i, seg)?;
+        if ok(at) {
+            return Some(at);
+        }
+        i = at + 1;
     }
 }
 
