@@ -6,4 +6,5 @@ mod fcm;
 mod lifecycle;
 mod notify;
 mod pushrules_cli;
+mod pushrules_ruma;
 mod support;
