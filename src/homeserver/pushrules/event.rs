@@ -120,6 +120,8 @@ pub struct FlatEvent<'a> {
     paths: String,
     sender: Option<&'a str>,
     room_id: Option<&'a str>,
+    /// Index of `content.body` in `entries`, found once: every content rule reads it.
+    body: Option<usize>,
     has_mentions: bool,
 }
 
@@ -137,6 +139,7 @@ impl<'a> FlatEvent<'a> {
         let mut scratch = String::new();
         flat.walk(object, &mut scratch);
         flat.entries.sort_unstable_by_key(|e| e.hash);
+        flat.body = flat.position(&BODY).filter(|&i| matches!(flat.entries[i].leaf, Leaf::Str(_)));
         flat
     }
 
@@ -178,14 +181,18 @@ impl<'a> FlatEvent<'a> {
         }
     }
 
-    /// The value at `key`, if it is one a condition can use.
-    pub fn get(&self, key: &Key) -> Option<&Leaf<'a>> {
+    fn position(&self, key: &Key) -> Option<usize> {
         let first = self.entries.partition_point(|e| e.hash < key.hash);
         self.entries[first..]
             .iter()
             .take_while(|e| e.hash == key.hash)
-            .find(|e| self.paths.get(e.path.clone()) == Some(&*key.path))
-            .map(|e| &e.leaf)
+            .position(|e| self.paths.get(e.path.clone()) == Some(&*key.path))
+            .map(|i| first + i)
+    }
+
+    /// The value at `key`, if it is one a condition can use.
+    pub fn get(&self, key: &Key) -> Option<&Leaf<'a>> {
+        self.position(key).map(|i| &self.entries[i].leaf)
     }
 
     /// The string at `key`.
@@ -198,7 +205,10 @@ impl<'a> FlatEvent<'a> {
 
     /// `content.body`, when it is a string.
     pub fn body(&self) -> Option<&Text<'a>> {
-        self.text(&BODY)
+        match &self.entries.get(self.body?)?.leaf {
+            Leaf::Str(text) => Some(text),
+            _ => None,
+        }
     }
 
     pub fn sender(&self) -> Option<&'a str> {
