@@ -67,6 +67,24 @@ enum Command {
     /// Work with Matrix push rules (no config needed).
     #[command(subcommand)]
     PushRules(PushRulesCommand),
+    /// Run the embedded homeserver (client-server API subset on SQLite) for tests and demos.
+    Homeserver(HomeserverArgs),
+}
+
+#[derive(clap::Args)]
+struct HomeserverArgs {
+    /// Serve the client-server API here.
+    #[arg(long, default_value = "127.0.0.1:8008")]
+    bind: SocketAddr,
+    /// The server part of user and room ids.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// The SQLite database file (created if missing).
+    #[arg(long, default_value = "herald-homeserver.db")]
+    db: PathBuf,
+    /// Accept http:// pusher URLs on loopback hosts (tests and demos only).
+    #[arg(long)]
+    allow_insecure_pushers: bool,
 }
 
 #[derive(Subcommand)]
@@ -117,6 +135,9 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::Homeserver(args)) = &cli.command {
+        return run_homeserver(args);
+    }
     let mut config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -162,7 +183,9 @@ fn main() -> ExitCode {
                 ))
             }
         },
-        Command::PushRules(_) => unreachable!("handled before the config is loaded"),
+        Command::PushRules(_) | Command::Homeserver(_) => {
+            unreachable!("handled before the config is loaded")
+        }
         Command::Serve { .. } => {
             init_tracing(&config);
             runtime.block_on(serve(config)).map(|()| ExitCode::SUCCESS)
@@ -265,6 +288,51 @@ fn init_tracing(config: &Config) {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let app = App::build(config).await?;
     app.run(shutdown_signal()).await
+}
+
+/// `herald homeserver`: opens the database, binds, and serves until SIGTERM/ctrl-c. Exit 64 when
+/// the database cannot be opened or the address cannot be bound.
+fn run_homeserver(args: &HomeserverArgs) -> ExitCode {
+    use herald::homeserver::{Homeserver, HomeserverConfig};
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("herald: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let mut config = HomeserverConfig::new(&args.server_name, &args.db);
+        config.allow_insecure_pushers = args.allow_insecure_pushers;
+        let hs = match Homeserver::open(config) {
+            Ok(hs) => hs,
+            Err(e) => {
+                eprintln!("herald: {e:#}");
+                return ExitCode::from(EX_CONFIG);
+            }
+        };
+        let listener = match tokio::net::TcpListener::bind(args.bind).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("herald: cannot bind {}: {e}", args.bind);
+                return ExitCode::from(EX_CONFIG);
+            }
+        };
+        let addr = listener.local_addr().map_or(args.bind, |a| a);
+        tracing::info!(%addr, server_name = %args.server_name, db = %args.db.display(), "homeserver listening");
+        // Tests and scripts read the bound address (the port may be 0) from this line.
+        println!("listening on http://{addr}");
+        match hs.serve(listener, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("herald: homeserver failed: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
 }
 
 async fn shutdown_signal() {

@@ -21,6 +21,7 @@
 
 mod base_rules;
 mod conditions;
+pub mod edit;
 mod evaluator;
 mod event;
 mod glob;

@@ -1,0 +1,213 @@
+//! `GET /sync`: what changed for a user's device since a token.
+//!
+//! A token is `s{stream}_{to_device}`: the main stream position (events, membership, receipts,
+//! account data) and the last to-device message handed out. Syncing with a token acknowledges
+//! (deletes) the device's to-device messages up to it. At most [`TO_DEVICE_LIMIT`] messages go
+//! out per response, in arrival order; the rest follow in the next ones.
+//!
+//! Runs on a blocking thread with the connection; the long-poll wait lives in the API handler.
+
+use rusqlite::Connection;
+use serde_json::{Map, Value, json};
+
+use super::api::error::{ApiResult, MatrixError};
+use super::{Homeserver, PUSH_RULES, store};
+
+pub const TO_DEVICE_LIMIT: usize = 100;
+const TIMELINE_LIMIT: usize = 50;
+
+/// A parsed `since`/`next_batch` token.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncToken {
+    pub stream: i64,
+    pub to_device: i64,
+}
+
+impl SyncToken {
+    pub fn parse(token: &str) -> ApiResult<SyncToken> {
+        let bad = || MatrixError::invalid_param(format!("malformed sync token {token:?}"));
+        let (stream, to_device) =
+            token.strip_prefix('s').and_then(|t| t.split_once('_')).ok_or_else(bad)?;
+        Ok(SyncToken {
+            stream: stream.parse().map_err(|_| bad())?,
+            to_device: to_device.parse().map_err(|_| bad())?,
+        })
+    }
+
+    pub fn render(&self) -> String {
+        format!("s{}_{}", self.stream, self.to_device)
+    }
+}
+
+/// One sync response, and whether it holds anything (an empty one makes a long-poll wait).
+pub fn sync_once(
+    hs: &Homeserver,
+    conn: &Connection,
+    user_id: &str,
+    device_id: &str,
+    since: Option<SyncToken>,
+) -> ApiResult<(Value, bool)> {
+    let initial = since.is_none();
+    let since = since.unwrap_or_default();
+    if since.to_device > 0 {
+        store::ack_to_device(conn, user_id, device_id, since.to_device)?;
+    }
+    let upto = store::current_stream(conn)?;
+    let mut next = SyncToken { stream: upto, to_device: since.to_device };
+    let mut any = false;
+
+    let messages =
+        store::to_device_messages(conn, user_id, device_id, since.to_device, TO_DEVICE_LIMIT)?;
+    if let Some((last, _)) = messages.last() {
+        next.to_device = *last;
+        any = true;
+    }
+    let to_device: Vec<Value> = messages.into_iter().map(|(_, m)| m).collect();
+
+    let mut account_data = Vec::new();
+    let mut saw_rules = false;
+    for (kind, content) in store::account_data_since(conn, user_id, since.stream)? {
+        let content = if kind == PUSH_RULES {
+            saw_rules = true;
+            json!({ "global": hs.merged_rules(conn, user_id)? })
+        } else {
+            content
+        };
+        account_data.push(json!({ "type": kind, "content": content }));
+    }
+    if initial && !saw_rules {
+        account_data.push(json!({
+            "type": PUSH_RULES,
+            "content": { "global": hs.merged_rules(conn, user_id)? },
+        }));
+    }
+    any |= !account_data.is_empty();
+
+    let mut join = Map::new();
+    for (room_id, joined_at) in store::rooms_with_membership(conn, user_id, "join")? {
+        let fresh = initial || joined_at > since.stream;
+        if let Some(room) = joined_room(conn, user_id, &room_id, since.stream, upto, fresh)? {
+            join.insert(room_id, room);
+        }
+    }
+    let mut invite = Map::new();
+    for (room_id, invited_at) in store::rooms_with_membership(conn, user_id, "invite")? {
+        if initial || invited_at > since.stream {
+            invite.insert(
+                room_id.clone(),
+                json!({"invite_state": {"events": stripped_state(conn, &room_id)?}}),
+            );
+        }
+    }
+    let mut leave = Map::new();
+    if !initial {
+        for (room_id, left_at) in store::rooms_with_membership(conn, user_id, "leave")? {
+            if left_at > since.stream {
+                let (events, _) = store::room_events(conn, &room_id, left_at - 1, left_at, 1)?;
+                let events: Vec<Value> =
+                    events.into_iter().map(|(_, e)| client_event(e, user_id)).collect();
+                leave.insert(room_id, json!({"timeline": {"events": events, "limited": false}}));
+            }
+        }
+    }
+    any |= !join.is_empty() || !invite.is_empty() || !leave.is_empty();
+
+    let response = json!({
+        "next_batch": next.render(),
+        "rooms": { "join": join, "invite": invite, "leave": leave },
+        "account_data": { "events": account_data },
+        "to_device": { "events": to_device },
+    });
+    Ok((response, any))
+}
+
+/// A joined room's section, or `None` when nothing in it changed for this user.
+fn joined_room(
+    conn: &Connection,
+    user_id: &str,
+    room_id: &str,
+    since: i64,
+    upto: i64,
+    fresh: bool,
+) -> ApiResult<Option<Value>> {
+    let after = if fresh { 0 } else { since };
+    let (events, limited) = store::room_events(conn, room_id, after, upto, TIMELINE_LIMIT)?;
+    let receipts = if fresh { Vec::new() } else { store::receipts_since(conn, room_id, since)? };
+    let own_receipt = !fresh && store::own_receipt_changed(conn, room_id, user_id, since)?;
+    if !fresh && events.is_empty() && receipts.is_empty() && !own_receipt {
+        return Ok(None);
+    }
+    let first = events.first().map_or(upto, |(s, _)| *s);
+    let state: Vec<Value> = if fresh {
+        // The state before the timeline starts: current state not in the timeline.
+        let in_timeline: std::collections::HashSet<&str> =
+            events.iter().filter_map(|(_, e)| e["event_id"].as_str()).collect();
+        store::room_state(conn, room_id)?
+            .into_iter()
+            .filter(|e| !in_timeline.contains(e["event_id"].as_str().unwrap_or_default()))
+            .map(|e| client_event(e, user_id))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut receipt_content = Map::new();
+    for (event_id, reader, kind, ts) in receipts {
+        if kind == "m.read.private" && reader != user_id {
+            continue;
+        }
+        let entry = receipt_content.entry(event_id).or_insert_with(|| json!({}));
+        entry[&kind][&reader] = json!({ "ts": ts });
+    }
+    let ephemeral: Vec<Value> = if receipt_content.is_empty() {
+        Vec::new()
+    } else {
+        vec![json!({ "type": "m.receipt", "content": receipt_content })]
+    };
+    let (notification_count, highlight_count) = store::room_counts(conn, room_id, user_id)?;
+    let timeline: Vec<Value> = events.into_iter().map(|(_, e)| client_event(e, user_id)).collect();
+    Ok(Some(json!({
+        "timeline": { "events": timeline, "limited": limited, "prev_batch": format!("s{}_0", first - 1) },
+        "state": { "events": state },
+        "ephemeral": { "events": ephemeral },
+        "account_data": { "events": [] },
+        "unread_notifications": {
+            "notification_count": notification_count,
+            "highlight_count": highlight_count,
+        },
+    })))
+}
+
+/// An event as a client sees it: `unsigned.transaction_id` only for its sender.
+pub fn client_event(mut event: Value, user_id: &str) -> Value {
+    if event["sender"] != user_id
+        && let Some(unsigned) = event.get_mut("unsigned").and_then(Value::as_object_mut)
+    {
+        unsigned.remove("transaction_id");
+    }
+    event
+}
+
+/// The stripped state an invitee sees.
+fn stripped_state(conn: &Connection, room_id: &str) -> ApiResult<Vec<Value>> {
+    Ok(store::room_state(conn, room_id)?
+        .into_iter()
+        .filter(|e| {
+            matches!(
+                e["type"].as_str(),
+                Some(
+                    "m.room.create"
+                        | "m.room.join_rules"
+                        | "m.room.name"
+                        | "m.room.member"
+                        | "m.room.topic"
+                )
+            )
+        })
+        .map(|e| {
+            json!({
+                "type": e["type"], "state_key": e["state_key"], "sender": e["sender"],
+                "content": e["content"],
+            })
+        })
+        .collect())
+}
