@@ -3,6 +3,7 @@ mod cli;
 mod dedup;
 mod fakes_selftest;
 mod fcm;
+mod homeserver;
 mod lifecycle;
 mod notify;
 mod pushrules_cli;

@@ -6,6 +6,7 @@
 pub mod fake_apns;
 pub mod fake_fcm;
 pub mod gateway;
+pub mod matrix;
 pub mod proxy;
 pub mod server;
 pub mod tls;
