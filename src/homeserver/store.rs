@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS room_state (
 );
 CREATE TABLE IF NOT EXISTS members (
     room_id TEXT NOT NULL, user_id TEXT NOT NULL, membership TEXT NOT NULL, displayname TEXT,
-    stream INTEGER NOT NULL, PRIMARY KEY (room_id, user_id)
+    stream INTEGER NOT NULL, joined_at INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (room_id, user_id)
 );
 CREATE INDEX IF NOT EXISTS members_by_user ON members (user_id, membership);
 CREATE TABLE IF NOT EXISTS txns (
@@ -52,6 +53,14 @@ CREATE TABLE IF NOT EXISTS receipts (
     event_id TEXT NOT NULL, event_stream INTEGER NOT NULL, ts INTEGER NOT NULL,
     stream INTEGER NOT NULL, PRIMARY KEY (room_id, user_id, receipt_type)
 );
+-- How far each member has read a room: their latest m.read or m.read.private receipt, but
+-- never before they joined (what happened before, an invite included, is not unread).
+CREATE VIEW IF NOT EXISTS read_marks AS
+SELECT m.room_id, m.user_id, MAX(m.joined_at, COALESCE((
+    SELECT MAX(r.event_stream) FROM receipts r
+    WHERE r.room_id = m.room_id AND r.user_id = m.user_id
+      AND r.receipt_type IN ('m.read', 'm.read.private')), 0)) AS upto
+FROM members m;
 CREATE TABLE IF NOT EXISTS push_actions (
     user_id TEXT NOT NULL, event_stream INTEGER NOT NULL, room_id TEXT NOT NULL,
     actions TEXT NOT NULL, highlight INTEGER NOT NULL, ts INTEGER NOT NULL,
@@ -213,9 +222,15 @@ pub fn insert_event(
         )?;
         if kind == "m.room.member" {
             let content = &event["content"];
+            // `joined_at` moves only when the user joins from another membership.
             tx.execute(
-                "INSERT OR REPLACE INTO members (room_id, user_id, membership, displayname, stream)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO members (room_id, user_id, membership, displayname, stream, joined_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, CASE WHEN ?3 = 'join' THEN ?5 ELSE 0 END)
+                 ON CONFLICT (room_id, user_id) DO UPDATE SET
+                   joined_at = CASE WHEN excluded.membership = 'join' AND membership != 'join'
+                                    THEN excluded.stream ELSE joined_at END,
+                   membership = excluded.membership, displayname = excluded.displayname,
+                   stream = excluded.stream",
                 params![
                     room_id,
                     state_key,
@@ -398,15 +413,16 @@ pub fn set_receipt(
     Ok(true)
 }
 
-/// The stream of the latest event the user has read in a room (`m.read` or `m.read.private`,
-/// whichever is later), or 0.
+/// The stream of the latest event the user has read in a room: their later receipt
+/// (`m.read` or `m.read.private`), or when they joined if that is later; 0 for non-members.
 pub fn read_upto(conn: &Connection, room_id: &str, user_id: &str) -> Result<i64, DbError> {
     conn.query_row(
-        "SELECT COALESCE(MAX(event_stream), 0) FROM receipts
-         WHERE room_id = ?1 AND user_id = ?2 AND receipt_type IN ('m.read', 'm.read.private')",
+        "SELECT upto FROM read_marks WHERE room_id = ?1 AND user_id = ?2",
         params![room_id, user_id],
         |r| r.get(0),
     )
+    .optional()
+    .map(|upto| upto.unwrap_or(0))
 }
 
 /// Public `m.read` receipts of a room changed after `since`: `(event_id, user_id, ts)`.
@@ -472,10 +488,8 @@ pub fn total_unread(conn: &Connection, user_id: &str) -> Result<u64, DbError> {
     conn.query_row(
         "SELECT COUNT(*) FROM push_actions p
          JOIN members m ON m.room_id = p.room_id AND m.user_id = p.user_id AND m.membership = 'join'
-         WHERE p.user_id = ?1 AND p.event_stream > (
-             SELECT COALESCE(MAX(r.event_stream), 0) FROM receipts r
-             WHERE r.room_id = p.room_id AND r.user_id = p.user_id
-               AND r.receipt_type IN ('m.read', 'm.read.private'))",
+         JOIN read_marks k ON k.room_id = p.room_id AND k.user_id = p.user_id
+         WHERE p.user_id = ?1 AND p.event_stream > k.upto",
         [user_id],
         |r| Ok(r.get::<_, i64>(0)?.max(0) as u64),
     )
@@ -699,10 +713,8 @@ pub fn next_push_action(
 ) -> Result<Option<(i64, String, Value)>, DbError> {
     conn.query_row(
         "SELECT p.event_stream, p.room_id, p.actions FROM push_actions p
-         WHERE p.user_id = ?1 AND p.event_stream > ?2 AND p.event_stream > (
-             SELECT COALESCE(MAX(r.event_stream), 0) FROM receipts r
-             WHERE r.room_id = p.room_id AND r.user_id = p.user_id
-               AND r.receipt_type IN ('m.read', 'm.read.private'))
+         LEFT JOIN read_marks k ON k.room_id = p.room_id AND k.user_id = p.user_id
+         WHERE p.user_id = ?1 AND p.event_stream > ?2 AND p.event_stream > COALESCE(k.upto, 0)
          ORDER BY p.event_stream LIMIT 1",
         params![user_id, position],
         |r| Ok((r.get(0)?, r.get(1)?, json(r.get(2)?))),

@@ -1,5 +1,6 @@
 mod apns;
 mod cli;
+mod clients;
 mod dedup;
 mod fakes_selftest;
 mod fcm;
