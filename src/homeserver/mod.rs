@@ -197,7 +197,15 @@ impl Homeserver {
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await
+        let served = axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await;
+        self.stop_pushers();
+        served
+    }
+
+    /// Stops every pusher task (they hold this homeserver alive); the database stays open
+    /// for requests still running. Queued notifications stay queued for the next start.
+    pub fn stop_pushers(&self) {
+        self.inner.queues.stop_all();
     }
 
     pub(crate) fn queues(&self) -> &queue::Queues {

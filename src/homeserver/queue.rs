@@ -25,6 +25,7 @@ use super::pusher::{
     Backoff, Counts, GIVE_UP_AFTER, GatewayClient, PushInput, Pusher, badge_body, is_rejected,
     notify_body,
 };
+use super::pushrules::{Action, evaluator};
 use super::{Homeserver, now_ms, store};
 
 /// The pusher tasks and the one HTTP client they share.
@@ -63,11 +64,18 @@ impl Queues {
     }
 }
 
-impl Drop for Queues {
-    fn drop(&mut self) {
+impl Queues {
+    /// Stops every task.
+    pub fn stop_all(&self) {
         for (_, task) in self.lock().drain() {
             task.abort();
         }
+    }
+}
+
+impl Drop for Queues {
+    fn drop(&mut self) {
+        self.stop_all();
     }
 }
 
@@ -218,21 +226,9 @@ fn next_job(_hs: &Homeserver, conn: &mut Connection, id: i64) -> ApiResult<Job> 
     Ok(Job::Send { url, body, pushkey: row.pushkey, position, failing_since: row.failing_since })
 }
 
-/// The tweaks a rule's stored actions set (`highlight` without a value means true).
+/// The tweaks of a notification's stored actions.
 fn tweaks(actions: &Value) -> Map<String, Value> {
-    let mut tweaks = Map::new();
-    for action in actions.as_array().into_iter().flatten() {
-        if let Some(name) = action.get("set_tweak").and_then(Value::as_str) {
-            match action.get("value") {
-                Some(value) => {
-                    tweaks.insert(name.to_owned(), value.clone());
-                }
-                None if name == "highlight" => {
-                    tweaks.insert(name.to_owned(), Value::Bool(true));
-                }
-                None => {}
-            }
-        }
-    }
-    tweaks
+    let actions: Vec<Action> =
+        actions.as_array().into_iter().flatten().cloned().filter_map(Action::from_json).collect();
+    evaluator::tweaks(&actions)
 }

@@ -316,14 +316,16 @@ pub fn joined_members(
     stmt.query_map([room_id], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
 }
 
-/// Rooms where the user's membership is `membership`, with the stream of that membership.
+/// Rooms where the user's membership is `membership`, with the stream where it began (for
+/// `join`, when they joined: a later display-name change does not count).
 pub fn rooms_with_membership(
     conn: &Connection,
     user_id: &str,
     membership: &str,
 ) -> Result<Vec<(String, i64)>, DbError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT room_id, stream FROM members WHERE user_id = ?1 AND membership = ?2",
+        "SELECT room_id, CASE WHEN membership = 'join' THEN joined_at ELSE stream END
+         FROM members WHERE user_id = ?1 AND membership = ?2",
     )?;
     stmt.query_map(params![user_id, membership], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
 }

@@ -12,7 +12,7 @@ use super::error::{ApiResult, MatrixError};
 use super::{Auth, JsonObject, query_param};
 use crate::homeserver::pusher::{Pusher, PusherChange, PusherError, PusherSet};
 use crate::homeserver::pushrules::edit::{self, EditError, NewRule};
-use crate::homeserver::pushrules::{Action, RuleKind, Ruleset};
+use crate::homeserver::pushrules::{Action, PushRule, RuleKind, Ruleset};
 use crate::homeserver::{Homeserver, now_ms, store};
 
 impl From<PusherError> for MatrixError {
@@ -156,17 +156,22 @@ fn kind_of(kind: &str) -> ApiResult<RuleKind> {
     Ok(edit::parse_kind(kind)?)
 }
 
+/// One rule as the caller sees it (a server default with the caller's changes applied).
+async fn load_rule(hs: &Homeserver, auth: Auth, kind: &str, rule: String) -> ApiResult<PushRule> {
+    let kind = kind_of(kind)?;
+    hs.db(move |hs, conn| {
+        let rules = hs.user_rules(conn, &auth.user_id)?;
+        Ok(edit::get_rule(&rules, &auth.user_id, kind, &rule)?)
+    })
+    .await
+}
+
 pub async fn get_rule(
     State(hs): State<Homeserver>,
     auth: Auth,
     Path((kind, rule)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let kind = kind_of(&kind)?;
-    let found = hs
-        .db(move |hs, conn| {
-            Ok(edit::get_rule(&hs.user_rules(conn, &auth.user_id)?, &auth.user_id, kind, &rule)?)
-        })
-        .await?;
+    let found = load_rule(&hs, auth, &kind, rule).await?;
     Ok(Json(json!(found)))
 }
 
@@ -203,12 +208,7 @@ pub async fn get_enabled(
     auth: Auth,
     Path((kind, rule)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let kind = kind_of(&kind)?;
-    let found = hs
-        .db(move |hs, conn| {
-            Ok(edit::get_rule(&hs.user_rules(conn, &auth.user_id)?, &auth.user_id, kind, &rule)?)
-        })
-        .await?;
+    let found = load_rule(&hs, auth, &kind, rule).await?;
     Ok(Json(json!({ "enabled": found.enabled })))
 }
 
@@ -232,12 +232,7 @@ pub async fn get_actions(
     auth: Auth,
     Path((kind, rule)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let kind = kind_of(&kind)?;
-    let found = hs
-        .db(move |hs, conn| {
-            Ok(edit::get_rule(&hs.user_rules(conn, &auth.user_id)?, &auth.user_id, kind, &rule)?)
-        })
-        .await?;
+    let found = load_rule(&hs, auth, &kind, rule).await?;
     let actions: Vec<Value> = found.actions.iter().map(Action::to_json).collect();
     Ok(Json(json!({ "actions": actions })))
 }

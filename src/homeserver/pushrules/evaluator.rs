@@ -162,7 +162,8 @@ impl CompiledRuleset {
     }
 }
 
-fn tweaks(actions: &[Action]) -> Map<String, Value> {
+/// The tweaks `actions` set; `highlight` without a value means true.
+pub fn tweaks(actions: &[Action]) -> Map<String, Value> {
     let mut tweaks = Map::new();
     for action in actions {
         if let Action::SetTweak { name, value } = action {

@@ -22,7 +22,7 @@
 mod base_rules;
 mod conditions;
 pub mod edit;
-mod evaluator;
+pub mod evaluator;
 mod event;
 mod glob;
 

@@ -69,6 +69,7 @@ impl Drop for TestHomeserver {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+        self.hs.stop_pushers();
         if let Some(task) = self.task.take() {
             task.abort();
         }
@@ -122,6 +123,12 @@ impl User {
     pub async fn call(&self, method: Method, path: &str, body: &Value) -> Reply {
         let url = format!("{}/_matrix/client/v3{path}", self.base);
         raw(&self.client, method, &url, Some(&self.token), body).await
+    }
+
+    /// Like [`User::call`], with the body sent as given.
+    pub async fn call_bytes(&self, method: Method, path: &str, body: Vec<u8>) -> Reply {
+        let url = format!("{}/_matrix/client/v3{path}", self.base);
+        raw_bytes(&self.client, method, &url, Some(&self.token), body).await
     }
 
     pub async fn get(&self, path: &str) -> Reply {
@@ -208,6 +215,29 @@ pub fn esc(segment: &str) -> String {
     out
 }
 
+/// A request to `{base}{path}` (`path` is the whole escaped path, e.g.
+/// `/_matrix/client/versions`), with an access token in the `Authorization` header if given.
+pub async fn request(
+    base: &str,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    body: &Value,
+) -> Reply {
+    raw(&client(), method, &format!("{base}{path}"), token, body).await
+}
+
+/// Like [`request`], with the body sent as given (for bodies that are not JSON, or huge).
+pub async fn request_bytes(
+    base: &str,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    body: Vec<u8>,
+) -> Reply {
+    raw_bytes(&client(), method, &format!("{base}{path}"), token, body).await
+}
+
 async fn raw(
     client: &Client<HttpConnector, Full<Bytes>>,
     method: Method,
@@ -216,6 +246,16 @@ async fn raw(
     body: &Value,
 ) -> Reply {
     let bytes = if body.is_null() { Vec::new() } else { serde_json::to_vec(body).unwrap() };
+    raw_bytes(client, method, url, token, bytes).await
+}
+
+async fn raw_bytes(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    method: Method,
+    url: &str,
+    token: Option<&str>,
+    bytes: Vec<u8>,
+) -> Reply {
     let mut request =
         Request::builder().method(method).uri(url).header("content-type", "application/json");
     if let Some(token) = token {
