@@ -98,8 +98,7 @@ enum Job {
         url: String,
         body: Value,
         pushkey: String,
-        /// The notification's stream, or `None` for a badge update.
-        position: Option<i64>,
+        item: Item,
         failing_since: Option<i64>,
     },
 }
@@ -116,7 +115,7 @@ async fn run(hs: Homeserver, id: i64) {
                 continue;
             }
         };
-        let (url, body, pushkey, position, failing_since) = match job {
+        let (url, body, pushkey, item, failing_since) = match job {
             Job::Gone => return,
             Job::Idle => {
                 if changes.changed().await.is_err() {
@@ -124,8 +123,8 @@ async fn run(hs: Homeserver, id: i64) {
                 }
                 continue;
             }
-            Job::Send { url, body, pushkey, position, failing_since } => {
-                (url, body, pushkey, position, failing_since)
+            Job::Send { url, body, pushkey, item, failing_since } => {
+                (url, body, pushkey, item, failing_since)
             }
         };
         let result = hs.queues().client.post(&url, &body).await;
@@ -141,7 +140,7 @@ async fn run(hs: Homeserver, id: i64) {
             }
             Ok(_) => {
                 attempt = 0;
-                debug!(pusher = id, ?position, "delivered to the gateway");
+                debug!(pusher = id, ?item, "delivered to the gateway");
                 Advance::Done
             }
             Err(err) => {
@@ -161,9 +160,9 @@ async fn run(hs: Homeserver, id: i64) {
         };
         let saved = hs
             .db(move |_, conn| {
-                match (outcome, position) {
-                    (Advance::Done, Some(pos)) => store::set_pusher_position(conn, id, pos)?,
-                    (Advance::Done, None) => store::set_badge_pending(conn, id, false)?,
+                match (outcome, item) {
+                    (Advance::Done, Item::Event(pos)) => store::set_pusher_position(conn, id, pos)?,
+                    (Advance::Done, Item::Badge { seq }) => store::clear_badge(conn, id, seq)?,
                     (Advance::Retry { since: Some(t), .. }, _) => {
                         store::set_pusher_failing(conn, id, Some(t))?
                     }
@@ -179,6 +178,15 @@ async fn run(hs: Homeserver, id: i64) {
             tokio::time::sleep(delay).await;
         }
     }
+}
+
+/// What a send carries.
+#[derive(Clone, Copy, Debug)]
+enum Item {
+    /// The notification at this stream.
+    Event(i64),
+    /// A badge update, answering badge request number `seq`.
+    Badge { seq: i64 },
 }
 
 #[derive(Clone, Copy)]
@@ -198,7 +206,7 @@ fn next_job(_hs: &Homeserver, conn: &mut Connection, id: i64) -> ApiResult<Job> 
     let pushkey_ts = u64::try_from(row.pushkey_ts / 1000).unwrap_or(0);
     let counts = Counts { unread: store::total_unread(conn, &row.user_id)?, missed_calls: None };
     let next = store::next_push_action(conn, &row.user_id, row.position)?;
-    let (body, position) = match next {
+    let (body, item) = match next {
         Some((stream, room_id, actions)) => {
             let Some(event) = store::event_by_stream(conn, stream)? else {
                 store::set_pusher_position(conn, id, stream)?;
@@ -218,12 +226,14 @@ fn next_job(_hs: &Homeserver, conn: &mut Connection, id: i64) -> ApiResult<Job> 
                 user_is_target: event["state_key"].as_str() == Some(row.user_id.as_str()),
                 ..PushInput::new(&event, &pusher, pushkey_ts, &tweaks, counts)
             };
-            (notify_body(&input), Some(stream))
+            (notify_body(&input), Item::Event(stream))
         }
-        None if row.badge_pending => (badge_body(&pusher, pushkey_ts, counts), None),
+        None if row.badge_pending => {
+            (badge_body(&pusher, pushkey_ts, counts), Item::Badge { seq: row.badge_seq })
+        }
         None => return Ok(Job::Idle),
     };
-    Ok(Job::Send { url, body, pushkey: row.pushkey, position, failing_since: row.failing_since })
+    Ok(Job::Send { url, body, pushkey: row.pushkey, item, failing_since: row.failing_since })
 }
 
 /// The tweaks of a notification's stored actions.

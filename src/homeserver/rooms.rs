@@ -35,7 +35,6 @@ pub fn append(
     hs: &Homeserver,
     tx: &Transaction<'_>,
     new: NewEvent<'_>,
-    txn_id: Option<&str>,
 ) -> ApiResult<(String, i64)> {
     let stream = store::next_stream(tx)?;
     let event_id = format!("${}", random_id(24));
@@ -51,10 +50,6 @@ pub fn append(
     });
     if let Some(key) = new.state_key {
         event["state_key"] = json!(key);
-    }
-    if let Some(txn) = txn_id {
-        // Only ever shown to the sender's own device; `/sync` strips it for everyone else.
-        event["unsigned"]["transaction_id"] = json!(txn);
     }
     store::insert_event(tx, stream, &event_id, new.room_id, &event)?;
     evaluate_push(hs, tx, &event, stream, ts)?;
@@ -223,7 +218,7 @@ pub fn create_room(
     let state = |kind: &str, key: &str, content: Value| -> ApiResult<()> {
         let new =
             NewEvent { room_id: &room_id, sender: creator, kind, state_key: Some(key), content };
-        append(hs, &tx, new, None).map(drop)
+        append(hs, &tx, new).map(drop)
     };
     state("m.room.create", "", Value::Object(create))?;
     state("m.room.member", creator, member_content("join", creator_name.as_deref(), false))?;
@@ -293,7 +288,7 @@ fn set_membership(
         state_key: Some(target),
         content: member_content(membership, name.as_deref(), false),
     };
-    let (event_id, _) = append(hs, &tx, new, None)?;
+    let (event_id, _) = append(hs, &tx, new)?;
     tx.commit()?;
     hs.notify_change();
     Ok(event_id)
@@ -371,7 +366,7 @@ pub fn send(
     check_power(conn, room_id, user_id, kind, false)?;
     let tx = conn.transaction()?;
     let new = NewEvent { room_id, sender: user_id, kind, state_key: None, content };
-    let (event_id, _) = append(hs, &tx, new, Some(txn_id))?;
+    let (event_id, _) = append(hs, &tx, new)?;
     store::insert_txn(&tx, user_id, device_id, txn_id, &event_id)?;
     tx.commit()?;
     hs.notify_change();
@@ -398,7 +393,7 @@ pub fn set_state(
     check_power(conn, room_id, sender, kind, true)?;
     let tx = conn.transaction()?;
     let new = NewEvent { room_id, sender, kind, state_key: Some(state_key), content };
-    let (event_id, _) = append(hs, &tx, new, None)?;
+    let (event_id, _) = append(hs, &tx, new)?;
     tx.commit()?;
     hs.notify_change();
     Ok(event_id)
@@ -422,7 +417,7 @@ pub fn set_displayname(
             state_key: Some(user_id),
             content: member_content("join", name, false),
         };
-        append(hs, &tx, new, None)?;
+        append(hs, &tx, new)?;
     }
     tx.commit()?;
     hs.notify_change();

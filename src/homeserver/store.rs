@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS txns (
     user_id TEXT NOT NULL, device_id TEXT NOT NULL, txn_id TEXT NOT NULL, event_id TEXT NOT NULL,
     PRIMARY KEY (user_id, device_id, txn_id)
 );
+CREATE INDEX IF NOT EXISTS txns_by_event ON txns (event_id);
 CREATE TABLE IF NOT EXISTS receipts (
     room_id TEXT NOT NULL, user_id TEXT NOT NULL, receipt_type TEXT NOT NULL,
     event_id TEXT NOT NULL, event_stream INTEGER NOT NULL, ts INTEGER NOT NULL,
@@ -74,7 +75,8 @@ CREATE TABLE IF NOT EXISTS account_data (
 CREATE TABLE IF NOT EXISTS pushers (
     id INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT NULL, app_id TEXT NOT NULL,
     pushkey TEXT NOT NULL, json TEXT NOT NULL, pushkey_ts INTEGER NOT NULL,
-    position INTEGER NOT NULL, badge_pending INTEGER NOT NULL DEFAULT 0, failing_since INTEGER,
+    position INTEGER NOT NULL, badge_pending INTEGER NOT NULL DEFAULT 0,
+    badge_seq INTEGER NOT NULL DEFAULT 0, failing_since INTEGER,
     UNIQUE (user_id, app_id, pushkey)
 );
 CREATE TABLE IF NOT EXISTS to_device (
@@ -180,8 +182,34 @@ pub fn token_owner(conn: &Connection, token: &str) -> Result<Option<(String, Str
     .optional()
 }
 
-pub fn delete_token(conn: &Connection, token: &str) -> Result<(), DbError> {
-    conn.execute("DELETE FROM access_tokens WHERE token = ?1", [token]).map(drop)
+/// Logs a token out; a device left with no token is deleted with its to-device inbox.
+pub fn delete_token(conn: &mut Connection, token: &str) -> Result<(), DbError> {
+    let tx = conn.transaction()?;
+    let owner: Option<(String, String)> = tx
+        .query_row(
+            "DELETE FROM access_tokens WHERE token = ?1 RETURNING user_id, device_id",
+            [token],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    if let Some((user_id, device_id)) = owner {
+        let in_use: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM access_tokens WHERE user_id = ?1 AND device_id = ?2)",
+            params![user_id, device_id],
+            |r| r.get(0),
+        )?;
+        if !in_use {
+            tx.execute(
+                "DELETE FROM devices WHERE user_id = ?1 AND device_id = ?2",
+                params![user_id, device_id],
+            )?;
+            tx.execute(
+                "DELETE FROM to_device WHERE user_id = ?1 AND device_id = ?2",
+                params![user_id, device_id],
+            )?;
+        }
+    }
+    tx.commit()
 }
 
 pub fn displayname(conn: &Connection, user_id: &str) -> Result<Option<String>, DbError> {
@@ -368,6 +396,21 @@ pub fn txn_event(
     .optional()
 }
 
+/// The transaction id `device_id` of `user_id` sent `event_id` with, if that device sent it.
+pub fn txn_of(
+    conn: &Connection,
+    event_id: &str,
+    user_id: &str,
+    device_id: &str,
+) -> Result<Option<String>, DbError> {
+    conn.query_row(
+        "SELECT txn_id FROM txns WHERE event_id = ?1 AND user_id = ?2 AND device_id = ?3",
+        params![event_id, user_id, device_id],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
 pub fn insert_txn(
     tx: &Transaction<'_>,
     user_id: &str,
@@ -427,18 +470,23 @@ pub fn read_upto(conn: &Connection, room_id: &str, user_id: &str) -> Result<i64,
     .map(|upto| upto.unwrap_or(0))
 }
 
-/// Public `m.read` receipts of a room changed after `since`: `(event_id, user_id, ts)`.
+/// Receipts of a room changed after `since` that `viewer` may see (everyone's `m.read`, only
+/// their own `m.read.private`): `(event_id, user_id, receipt_type, ts)`.
 pub fn receipts_since(
     conn: &Connection,
     room_id: &str,
     since: i64,
+    viewer: &str,
 ) -> Result<Vec<(String, String, String, i64)>, DbError> {
     let mut stmt = conn.prepare_cached(
         "SELECT event_id, user_id, receipt_type, ts FROM receipts
-         WHERE room_id = ?1 AND stream > ?2",
+         WHERE room_id = ?1 AND stream > ?2
+           AND (receipt_type = 'm.read' OR (receipt_type = 'm.read.private' AND user_id = ?3))",
     )?;
-    stmt.query_map(params![room_id, since], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-        .collect()
+    stmt.query_map(params![room_id, since, viewer], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+    })?
+    .collect()
 }
 
 /// Whether the user's receipts in a room changed after `since`.
@@ -599,12 +647,14 @@ pub struct PusherRow {
     /// The stream of the last notification handled (sent or given up).
     pub position: i64,
     pub badge_pending: bool,
+    /// Bumped by every badge request, so a send clears only the request it answered.
+    pub badge_seq: i64,
     /// When the first failed attempt of the current notification was (ms since the epoch).
     pub failing_since: Option<i64>,
 }
 
-const PUSHER_COLUMNS: &str =
-    "id, user_id, app_id, pushkey, json, pushkey_ts, position, badge_pending, failing_since";
+const PUSHER_COLUMNS: &str = "id, user_id, app_id, pushkey, json, pushkey_ts, position, badge_pending, failing_since, \
+     badge_seq";
 
 fn pusher_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PusherRow> {
     Ok(PusherRow {
@@ -617,6 +667,7 @@ fn pusher_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PusherRow> {
         position: r.get(6)?,
         badge_pending: r.get(7)?,
         failing_since: r.get(8)?,
+        badge_seq: r.get(9)?,
     })
 }
 
@@ -737,17 +788,23 @@ pub fn set_pusher_failing(conn: &Connection, id: i64, since: Option<i64>) -> Res
         .map(drop)
 }
 
-pub fn set_badge_pending(conn: &Connection, id: i64, pending: bool) -> Result<(), DbError> {
+/// Clears a pusher's badge request if no newer one came while it was being sent.
+pub fn clear_badge(conn: &Connection, id: i64, seq: i64) -> Result<(), DbError> {
     conn.execute(
-        "UPDATE pushers SET badge_pending = ?2, failing_since = NULL WHERE id = ?1",
-        params![id, pending],
+        "UPDATE pushers SET badge_pending = 0, failing_since = NULL
+         WHERE id = ?1 AND badge_seq = ?2",
+        params![id, seq],
     )
     .map(drop)
 }
 
 /// Marks a badge update due for every pusher of the user.
 pub fn request_badge(tx: &Transaction<'_>, user_id: &str) -> Result<(), DbError> {
-    tx.execute("UPDATE pushers SET badge_pending = 1 WHERE user_id = ?1", [user_id]).map(drop)
+    tx.execute(
+        "UPDATE pushers SET badge_pending = 1, badge_seq = badge_seq + 1 WHERE user_id = ?1",
+        [user_id],
+    )
+    .map(drop)
 }
 
 // ---- to-device ----

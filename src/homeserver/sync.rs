@@ -46,8 +46,10 @@ pub fn sync_once(
     user_id: &str,
     device_id: &str,
     since: Option<SyncToken>,
+    full_state: bool,
 ) -> ApiResult<(Value, bool)> {
     let initial = since.is_none();
+    let viewer = Viewer { conn, user_id, device_id };
     let since = since.unwrap_or_default();
     if since.to_device > 0 {
         store::ack_to_device(conn, user_id, device_id, since.to_device)?;
@@ -85,8 +87,10 @@ pub fn sync_once(
 
     let mut join = Map::new();
     for (room_id, joined_at) in store::rooms_with_membership(conn, user_id, "join")? {
+        // A room joined since the token is new to this device: its state and recent timeline.
         let fresh = initial || joined_at > since.stream;
-        if let Some(room) = joined_room(conn, user_id, &room_id, since.stream, upto, fresh)? {
+        let span = Span { since: if fresh { 0 } else { since.stream }, upto, full_state };
+        if let Some(room) = joined_room(&viewer, &room_id, span)? {
             join.insert(room_id, room);
         }
     }
@@ -104,13 +108,13 @@ pub fn sync_once(
         for (room_id, left_at) in store::rooms_with_membership(conn, user_id, "leave")? {
             if left_at > since.stream {
                 let (events, _) = store::room_events(conn, &room_id, left_at - 1, left_at, 1)?;
-                let events: Vec<Value> =
-                    events.into_iter().map(|(_, e)| client_event(e, user_id)).collect();
+                let events = viewer.events(events.into_iter().map(|(_, e)| e))?;
                 leave.insert(room_id, json!({"timeline": {"events": events, "limited": false}}));
             }
         }
     }
-    any |= !join.is_empty() || !invite.is_empty() || !leave.is_empty();
+    // A full-state sync always has something to say (the state), so it never waits.
+    any |= full_state || !join.is_empty() || !invite.is_empty() || !leave.is_empty();
 
     let response = json!({
         "next_batch": next.render(),
@@ -121,40 +125,69 @@ pub fn sync_once(
     Ok((response, any))
 }
 
-/// A joined room's section, or `None` when nothing in it changed for this user.
-fn joined_room(
-    conn: &Connection,
-    user_id: &str,
-    room_id: &str,
+/// Who a sync is for: events are shaped for this user's device.
+struct Viewer<'a> {
+    conn: &'a Connection,
+    user_id: &'a str,
+    device_id: &'a str,
+}
+
+impl Viewer<'_> {
+    /// Events as this device sees them: `unsigned.transaction_id` only on events this very
+    /// device sent (the spec: "the same client which sent it").
+    fn events(&self, events: impl IntoIterator<Item = Value>) -> ApiResult<Vec<Value>> {
+        events
+            .into_iter()
+            .map(|mut event| {
+                if event["sender"] == self.user_id
+                    && let Some(event_id) = event["event_id"].as_str()
+                    && let Some(txn) =
+                        store::txn_of(self.conn, event_id, self.user_id, self.device_id)?
+                {
+                    event["unsigned"]["transaction_id"] = json!(txn);
+                }
+                Ok(event)
+            })
+            .collect()
+    }
+}
+
+/// What part of a room's history a sync covers.
+#[derive(Clone, Copy)]
+struct Span {
+    /// Events after this stream (0: the room is new to the device).
     since: i64,
     upto: i64,
-    fresh: bool,
-) -> ApiResult<Option<Value>> {
-    let after = if fresh { 0 } else { since };
-    let (events, limited) = store::room_events(conn, room_id, after, upto, TIMELINE_LIMIT)?;
-    let receipts = if fresh { Vec::new() } else { store::receipts_since(conn, room_id, since)? };
-    let own_receipt = !fresh && store::own_receipt_changed(conn, room_id, user_id, since)?;
-    if !fresh && events.is_empty() && receipts.is_empty() && !own_receipt {
+    /// Send the whole current state even for an incremental sync.
+    full_state: bool,
+}
+
+/// A joined room's section, or `None` when nothing in it changed for this user.
+fn joined_room(viewer: &Viewer<'_>, room_id: &str, span: Span) -> ApiResult<Option<Value>> {
+    let (conn, user_id) = (viewer.conn, viewer.user_id);
+    let fresh = span.since == 0;
+    let (events, limited) =
+        store::room_events(conn, room_id, span.since, span.upto, TIMELINE_LIMIT)?;
+    let receipts =
+        if fresh { Vec::new() } else { store::receipts_since(conn, room_id, span.since, user_id)? };
+    let own_receipt = !fresh && store::own_receipt_changed(conn, room_id, user_id, span.since)?;
+    if !fresh && !span.full_state && events.is_empty() && receipts.is_empty() && !own_receipt {
         return Ok(None);
     }
-    let first = events.first().map_or(upto, |(s, _)| *s);
-    let state: Vec<Value> = if fresh {
+    let first = events.first().map_or(span.upto, |(s, _)| *s);
+    let state: Vec<Value> = if fresh || span.full_state {
         // The state before the timeline starts: current state not in the timeline.
         let in_timeline: std::collections::HashSet<&str> =
             events.iter().filter_map(|(_, e)| e["event_id"].as_str()).collect();
-        store::room_state(conn, room_id)?
+        let state = store::room_state(conn, room_id)?
             .into_iter()
-            .filter(|e| !in_timeline.contains(e["event_id"].as_str().unwrap_or_default()))
-            .map(|e| client_event(e, user_id))
-            .collect()
+            .filter(|e| !in_timeline.contains(e["event_id"].as_str().unwrap_or_default()));
+        viewer.events(state)?
     } else {
         Vec::new()
     };
     let mut receipt_content = Map::new();
     for (event_id, reader, kind, ts) in receipts {
-        if kind == "m.read.private" && reader != user_id {
-            continue;
-        }
         let entry = receipt_content.entry(event_id).or_insert_with(|| json!({}));
         entry[&kind][&reader] = json!({ "ts": ts });
     }
@@ -164,9 +197,11 @@ fn joined_room(
         vec![json!({ "type": "m.receipt", "content": receipt_content })]
     };
     let (notification_count, highlight_count) = store::room_counts(conn, room_id, user_id)?;
-    let timeline: Vec<Value> = events.into_iter().map(|(_, e)| client_event(e, user_id)).collect();
+    let timeline = viewer.events(events.into_iter().map(|(_, e)| e))?;
     Ok(Some(json!({
-        "timeline": { "events": timeline, "limited": limited, "prev_batch": format!("s{}_0", first - 1) },
+        "timeline": {
+            "events": timeline, "limited": limited, "prev_batch": format!("s{}_0", first - 1),
+        },
         "state": { "events": state },
         "ephemeral": { "events": ephemeral },
         "account_data": { "events": [] },
@@ -175,16 +210,6 @@ fn joined_room(
             "highlight_count": highlight_count,
         },
     })))
-}
-
-/// An event as a client sees it: `unsigned.transaction_id` only for its sender.
-pub fn client_event(mut event: Value, user_id: &str) -> Value {
-    if event["sender"] != user_id
-        && let Some(unsigned) = event.get_mut("unsigned").and_then(Value::as_object_mut)
-    {
-        unsigned.remove("transaction_id");
-    }
-    event
 }
 
 /// The stripped state an invitee sees.

@@ -7,6 +7,7 @@ mod fcm;
 mod homeserver;
 mod lifecycle;
 mod notify;
+mod push_flow;
 mod pushrules_cli;
 mod pushrules_ruma;
 mod support;

@@ -169,7 +169,12 @@ pub async fn login(
 }
 
 pub async fn logout(State(hs): State<Homeserver>, auth: Auth) -> ApiResult<Json<Value>> {
-    hs.db(move |_, conn| Ok(store::delete_token(conn, &auth.token)?)).await?;
+    hs.db(move |hs, conn| {
+        store::delete_token(conn, &auth.token)?;
+        hs.notify_change();
+        Ok(())
+    })
+    .await?;
     Ok(Json(json!({})))
 }
 

@@ -66,6 +66,11 @@ pub fn router(hs: Homeserver) -> Router {
             "/rooms/{room}/state/{kind}",
             get(rooms::get_state_empty_key).put(rooms::put_state_empty_key),
         )
+        // An empty state key may come with or without the trailing slash.
+        .route(
+            "/rooms/{room}/state/{kind}/",
+            get(rooms::get_state_empty_key).put(rooms::put_state_empty_key),
+        )
         .route("/rooms/{room}/state/{kind}/{key}", get(rooms::get_state).put(rooms::put_state))
         .route("/rooms/{room}/joined_members", get(rooms::joined_members))
         .route("/rooms/{room}/receipt/{kind}/{event}", post(rooms::receipt))

@@ -34,14 +34,13 @@ pub async fn sync(
         })?),
     }
     .min(MAX_TIMEOUT);
-    let since = if full_state { None } else { since };
     let deadline = tokio::time::Instant::now() + timeout;
     let mut changes = hs.subscribe();
     loop {
         changes.borrow_and_update();
         let (user, device) = (auth.user_id.clone(), auth.device_id.clone());
         let (response, any) =
-            hs.db(move |hs, conn| sync_once(hs, conn, &user, &device, since)).await?;
+            hs.db(move |hs, conn| sync_once(hs, conn, &user, &device, since, full_state)).await?;
         if any || since.is_none() {
             return Ok(Json(response));
         }
