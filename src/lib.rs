@@ -16,6 +16,7 @@
 pub mod app;
 pub mod config;
 pub mod dedup;
+pub mod demo;
 pub mod dispatch;
 pub mod homeserver;
 pub mod metrics;

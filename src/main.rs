@@ -69,6 +69,13 @@ enum Command {
     PushRules(PushRulesCommand),
     /// Run the embedded homeserver (client-server API subset on SQLite) for tests and demos.
     Homeserver(HomeserverArgs),
+    /// Play the whole push flow in one process and narrate it: homeserver, gateway, and fake
+    /// APNs and FCM, all on 127.0.0.1 (no config, no credentials, no network).
+    Demo {
+        /// Plain output even on a terminal (also: the NO_COLOR environment variable).
+        #[arg(long)]
+        no_color: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -138,6 +145,20 @@ fn main() -> ExitCode {
     if let Some(Command::Homeserver(args)) = &cli.command {
         return run_homeserver(args);
     }
+    if let Some(Command::Demo { no_color }) = &cli.command {
+        use herald::demo::{ColorChoice, Options};
+        let color = if *no_color { ColorChoice::Never } else { ColorChoice::Auto };
+        let result = tokio::runtime::Runtime::new()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(herald::demo::run(Options { color })));
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("herald demo: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let mut config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -183,7 +204,7 @@ fn main() -> ExitCode {
                 ))
             }
         },
-        Command::PushRules(_) | Command::Homeserver(_) => {
+        Command::PushRules(_) | Command::Homeserver(_) | Command::Demo { .. } => {
             unreachable!("handled before the config is loaded")
         }
         Command::Serve { .. } => {

@@ -2,6 +2,7 @@ mod apns;
 mod cli;
 mod clients;
 mod dedup;
+mod demo;
 mod fakes_selftest;
 mod fcm;
 mod homeserver;
