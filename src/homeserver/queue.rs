@@ -22,8 +22,8 @@ use tracing::{debug, info, warn};
 
 use super::api::error::ApiResult;
 use super::pusher::{
-    Backoff, Counts, GIVE_UP_AFTER, GatewayClient, PushInput, Pusher, badge_body, is_rejected,
-    notify_body,
+    Backoff, Counts, GIVE_UP_AFTER, GatewayClient, PushInput, Pusher, SendError, badge_body,
+    is_rejected, notify_body,
 };
 use super::pushrules::{Action, evaluator};
 use super::{Homeserver, now_ms, store};
@@ -143,6 +143,13 @@ async fn run(hs: Homeserver, id: i64) {
                 debug!(pusher = id, ?item, "delivered to the gateway");
                 Advance::Done
             }
+            Err(err) if is_permanent(&err) => {
+                // Sending it again cannot help (the gateway refused this very request), and
+                // the queue is ordered: give up on it now rather than block the pusher a day.
+                warn!(pusher = id, error = %err, "the gateway refused a notification; skipping it");
+                attempt = 0;
+                Advance::Done
+            }
             Err(err) => {
                 let now = now_ms();
                 let since = failing_since.unwrap_or(now);
@@ -151,7 +158,13 @@ async fn run(hs: Homeserver, id: i64) {
                     attempt = 0;
                     Advance::Done
                 } else {
-                    let delay = hs.queues().backoff.next(attempt);
+                    if failing_since.is_none() {
+                        attempt = 0;
+                    }
+                    let mut delay = hs.queues().backoff.next(attempt);
+                    if let SendError::Status { retry_after: Some(after), .. } = &err {
+                        delay = delay.max((*after).min(MAX_RETRY_AFTER));
+                    }
                     attempt = attempt.saturating_add(1);
                     warn!(pusher = id, error = %err, retry_in = ?delay, "push to the gateway failed");
                     Advance::Retry { since: failing_since.is_none().then_some(now), delay }
@@ -163,8 +176,8 @@ async fn run(hs: Homeserver, id: i64) {
                 match (outcome, item) {
                     (Advance::Done, Item::Event(pos)) => store::set_pusher_position(conn, id, pos)?,
                     (Advance::Done, Item::Badge { seq }) => store::clear_badge(conn, id, seq)?,
-                    (Advance::Retry { since: Some(t), .. }, _) => {
-                        store::set_pusher_failing(conn, id, Some(t))?
+                    (Advance::Retry { since: Some(t), .. }, item) => {
+                        store::set_pusher_failing(conn, id, t, &item.key())?
                     }
                     (Advance::Retry { since: None, .. }, _) => {}
                 }
@@ -187,6 +200,31 @@ enum Item {
     Event(i64),
     /// A badge update, answering badge request number `seq`.
     Badge { seq: i64 },
+}
+
+impl Item {
+    /// How the item is named in `failing_item`.
+    fn key(self) -> String {
+        match self {
+            Item::Event(stream) => format!("e{stream}"),
+            Item::Badge { seq } => format!("b{seq}"),
+        }
+    }
+}
+
+/// The longest `Retry-After` honoured.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60 * 60);
+
+/// A failure that sending the same request again cannot fix: a bad URL, or a 4xx other than
+/// 408 (timeout) and 429 (rate limit).
+fn is_permanent(err: &SendError) -> bool {
+    match err {
+        SendError::InvalidUrl => true,
+        SendError::Status { status, .. } => {
+            status.is_client_error() && !matches!(status.as_u16(), 408 | 429)
+        }
+        _ => false,
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -233,7 +271,9 @@ fn next_job(_hs: &Homeserver, conn: &mut Connection, id: i64) -> ApiResult<Job> 
         }
         None => return Ok(Job::Idle),
     };
-    Ok(Job::Send { url, body, pushkey: row.pushkey, item, failing_since: row.failing_since })
+    // The failure clock belongs to one item: a new item starts with a clean slate.
+    let failing_since = row.failing_since.filter(|_| row.failing_item == Some(item.key()));
+    Ok(Job::Send { url, body, pushkey: row.pushkey, item, failing_since })
 }
 
 /// The tweaks of a notification's stored actions.

@@ -17,6 +17,9 @@ use super::api::error::{ApiResult, MatrixError};
 use super::pushrules::{Action, DisplayName, FlatEvent, PowerLevels, RoomCtx};
 use super::{Homeserver, now_ms, random_id, store};
 
+/// The spec's limit on a whole event, as JSON.
+pub const MAX_EVENT_BYTES: usize = 65_536;
+
 /// The room version herald's rooms claim (no federation, so only the event shapes matter).
 pub const ROOM_VERSION: &str = "10";
 
@@ -50,6 +53,13 @@ pub fn append(
     });
     if let Some(key) = new.state_key {
         event["state_key"] = json!(key);
+    }
+    if event.to_string().len() > MAX_EVENT_BYTES {
+        return Err(MatrixError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "M_TOO_LARGE",
+            format!("events are limited to {MAX_EVENT_BYTES} bytes"),
+        ));
     }
     store::insert_event(tx, stream, &event_id, new.room_id, &event)?;
     evaluate_push(hs, tx, &event, stream, ts)?;
@@ -145,6 +155,24 @@ fn check_power(
     }
 }
 
+/// Inviting needs the room's `invite` power level (0 by default).
+fn check_invite_power(conn: &Connection, room_id: &str, user_id: &str) -> ApiResult<()> {
+    let Some(pl) = store::state_event(conn, room_id, "m.room.power_levels", "")? else {
+        return Ok(());
+    };
+    let content = &pl["content"];
+    let needed = content["invite"].as_i64().unwrap_or(0);
+    let have = content["users"]
+        .get(user_id)
+        .and_then(Value::as_i64)
+        .unwrap_or_else(|| content["users_default"].as_i64().unwrap_or(0));
+    if have >= needed {
+        Ok(())
+    } else {
+        Err(MatrixError::forbidden(format!("inviting needs power level {needed}; you have {have}")))
+    }
+}
+
 /// `POST /createRoom`: the creator joins; the preset, name, topic, initial state and invites
 /// become the room's first events. Returns the room id.
 pub fn create_room(
@@ -175,6 +203,9 @@ pub fn create_room(
     };
     for user in &invites {
         check_invitee(hs, conn, user)?;
+        if user == creator {
+            return Err(MatrixError::invalid_param("the creator cannot invite themselves"));
+        }
     }
     let initial_state: Vec<Map<String, Value>> = match request.get("initial_state") {
         None | Some(Value::Null) => Vec::new(),
@@ -229,8 +260,21 @@ pub fn create_room(
         let kind = event.get("type").and_then(Value::as_str).ok_or_else(|| {
             MatrixError::bad_json("every `initial_state` event needs a string `type`")
         })?;
+        if matches!(kind, "m.room.member" | "m.room.create") {
+            return Err(MatrixError::invalid_param(format!(
+                "{kind} cannot be in `initial_state`: use `invite` and `creation_content`"
+            )));
+        }
         let key = event.get("state_key").and_then(Value::as_str).unwrap_or("");
-        state(kind, key, event.get("content").cloned().unwrap_or_else(|| json!({})))?;
+        check_state_key(creator, key)?;
+        let content = match event.get("content") {
+            None => json!({}),
+            Some(content @ Value::Object(_)) => content.clone(),
+            Some(_) => {
+                return Err(MatrixError::bad_json("`initial_state` contents must be objects"));
+            }
+        };
+        state(kind, key, content)?;
     }
     if let Some(name) = name {
         state("m.room.name", "", json!({"name": name}))?;
@@ -288,7 +332,12 @@ fn set_membership(
         state_key: Some(target),
         content: member_content(membership, name.as_deref(), false),
     };
+    let before = store::total_unread(&tx, target)?;
     let (event_id, _) = append(hs, &tx, new)?;
+    if membership == "leave" && store::total_unread(&tx, target)? != before {
+        // The room's unread notifications no longer count towards the badge.
+        store::request_badge(&tx, target)?;
+    }
     tx.commit()?;
     hs.notify_change();
     Ok(event_id)
@@ -321,6 +370,7 @@ pub fn invite(
 ) -> ApiResult<()> {
     require_joined(conn, room_id, sender)?;
     check_invitee(hs, conn, target)?;
+    check_invite_power(conn, room_id, sender)?;
     match store::membership(conn, room_id, target)?.as_deref() {
         Some("join") => {
             return Err(MatrixError::forbidden(format!("{target} is already in the room")));
@@ -358,16 +408,17 @@ pub fn send(
     txn_id: &str,
     content: Value,
 ) -> ApiResult<String> {
-    let (user_id, device_id) = sender;
-    if let Some(event_id) = store::txn_event(conn, user_id, device_id, txn_id)? {
+    let user_id = sender.0;
+    if let Some(event_id) = store::txn_event(conn, sender, room_id, kind, txn_id)? {
         return Ok(event_id);
     }
     require_joined(conn, room_id, user_id)?;
     check_power(conn, room_id, user_id, kind, false)?;
     let tx = conn.transaction()?;
     let new = NewEvent { room_id, sender: user_id, kind, state_key: None, content };
-    let (event_id, _) = append(hs, &tx, new)?;
-    store::insert_txn(&tx, user_id, device_id, txn_id, &event_id)?;
+    let (event_id, stream) = append(hs, &tx, new)?;
+    store::insert_txn(&tx, sender, room_id, kind, txn_id, &event_id)?;
+    read_own_event(&tx, room_id, user_id, &event_id, stream)?;
     tx.commit()?;
     hs.notify_change();
     Ok(event_id)
@@ -390,13 +441,43 @@ pub fn set_state(
         )));
     }
     require_joined(conn, room_id, sender)?;
+    check_state_key(sender, state_key)?;
     check_power(conn, room_id, sender, kind, true)?;
     let tx = conn.transaction()?;
     let new = NewEvent { room_id, sender, kind, state_key: Some(state_key), content };
-    let (event_id, _) = append(hs, &tx, new)?;
+    let (event_id, stream) = append(hs, &tx, new)?;
+    read_own_event(&tx, room_id, sender, &event_id, stream)?;
     tx.commit()?;
     hs.notify_change();
     Ok(event_id)
+}
+
+/// A state key that is a user id belongs to that user alone (the room authorization rules).
+fn check_state_key(sender: &str, state_key: &str) -> ApiResult<()> {
+    if state_key.starts_with('@') && state_key != sender {
+        return Err(MatrixError::forbidden(format!(
+            "state key {state_key} is another user's: only they can set it"
+        )));
+    }
+    Ok(())
+}
+
+/// Sending an event marks the room read up to it (the spec: a receipt moves "whether via the
+/// API or by sending an event"); a changed unread total asks the pushers for a badge update.
+fn read_own_event(
+    tx: &Transaction<'_>,
+    room_id: &str,
+    user_id: &str,
+    event_id: &str,
+    stream: i64,
+) -> ApiResult<()> {
+    let before = store::total_unread(tx, user_id)?;
+    if store::set_receipt(tx, room_id, user_id, "m.read", event_id, stream, now_ms())?
+        && store::total_unread(tx, user_id)? != before
+    {
+        store::request_badge(tx, user_id)?;
+    }
+    Ok(())
 }
 
 /// Sets the user's display name, and updates their member event in every joined room.

@@ -44,9 +44,11 @@ CREATE TABLE IF NOT EXISTS members (
     PRIMARY KEY (room_id, user_id)
 );
 CREATE INDEX IF NOT EXISTS members_by_user ON members (user_id, membership);
+-- A transaction is identified by its device and its request path (room and event type).
 CREATE TABLE IF NOT EXISTS txns (
-    user_id TEXT NOT NULL, device_id TEXT NOT NULL, txn_id TEXT NOT NULL, event_id TEXT NOT NULL,
-    PRIMARY KEY (user_id, device_id, txn_id)
+    user_id TEXT NOT NULL, device_id TEXT NOT NULL, room_id TEXT NOT NULL, type TEXT NOT NULL,
+    txn_id TEXT NOT NULL, event_id TEXT NOT NULL,
+    PRIMARY KEY (user_id, device_id, room_id, type, txn_id)
 );
 CREATE INDEX IF NOT EXISTS txns_by_event ON txns (event_id);
 CREATE TABLE IF NOT EXISTS receipts (
@@ -76,7 +78,7 @@ CREATE TABLE IF NOT EXISTS pushers (
     id INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT NULL, app_id TEXT NOT NULL,
     pushkey TEXT NOT NULL, json TEXT NOT NULL, pushkey_ts INTEGER NOT NULL,
     position INTEGER NOT NULL, badge_pending INTEGER NOT NULL DEFAULT 0,
-    badge_seq INTEGER NOT NULL DEFAULT 0, failing_since INTEGER,
+    badge_seq INTEGER NOT NULL DEFAULT 0, failing_since INTEGER, failing_item TEXT,
     UNIQUE (user_id, app_id, pushkey)
 );
 CREATE TABLE IF NOT EXISTS to_device (
@@ -85,8 +87,8 @@ CREATE TABLE IF NOT EXISTS to_device (
 );
 CREATE INDEX IF NOT EXISTS to_device_inbox ON to_device (user_id, device_id, id);
 CREATE TABLE IF NOT EXISTS to_device_txns (
-    user_id TEXT NOT NULL, device_id TEXT NOT NULL, txn_id TEXT NOT NULL,
-    PRIMARY KEY (user_id, device_id, txn_id)
+    user_id TEXT NOT NULL, device_id TEXT NOT NULL, type TEXT NOT NULL, txn_id TEXT NOT NULL,
+    PRIMARY KEY (user_id, device_id, type, txn_id)
 );
 "#;
 
@@ -150,6 +152,11 @@ pub fn add_device(
 ) -> Result<(), DbError> {
     conn.execute(
         "INSERT OR IGNORE INTO devices (user_id, device_id) VALUES (?1, ?2)",
+        params![user_id, device_id],
+    )?;
+    // Logging in again as an existing device invalidates its older tokens (the spec).
+    conn.execute(
+        "DELETE FROM access_tokens WHERE user_id = ?1 AND device_id = ?2",
         params![user_id, device_id],
     )?;
     conn.execute(
@@ -319,6 +326,21 @@ pub fn room_state(conn: &Connection, room_id: &str) -> Result<Vec<Value>, DbErro
     stmt.query_map([room_id], |r| Ok(json(r.get(0)?)))?.collect()
 }
 
+/// State events that became current in `(after, before)`: what changed in the part of a
+/// room's history a limited timeline leaves out.
+pub fn state_between(
+    conn: &Connection,
+    room_id: &str,
+    after: i64,
+    before: i64,
+) -> Result<Vec<Value>, DbError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT e.json FROM room_state s JOIN events e ON e.stream = s.stream
+         WHERE s.room_id = ?1 AND s.stream > ?2 AND s.stream < ?3 ORDER BY s.stream",
+    )?;
+    stmt.query_map(params![room_id, after, before], |r| Ok(json(r.get(0)?)))?.collect()
+}
+
 /// A user's membership of a room (`join`, `invite`, `leave`, `ban`), if any.
 pub fn membership(
     conn: &Connection,
@@ -382,15 +404,18 @@ pub fn room_events(
     Ok((events, limited))
 }
 
+/// The event a device already sent with this transaction id to this room and event type.
 pub fn txn_event(
     conn: &Connection,
-    user_id: &str,
-    device_id: &str,
+    sender: (&str, &str),
+    room_id: &str,
+    kind: &str,
     txn_id: &str,
 ) -> Result<Option<String>, DbError> {
     conn.query_row(
-        "SELECT event_id FROM txns WHERE user_id = ?1 AND device_id = ?2 AND txn_id = ?3",
-        params![user_id, device_id, txn_id],
+        "SELECT event_id FROM txns WHERE user_id = ?1 AND device_id = ?2 AND room_id = ?3
+           AND type = ?4 AND txn_id = ?5",
+        params![sender.0, sender.1, room_id, kind, txn_id],
         |r| r.get(0),
     )
     .optional()
@@ -413,14 +438,16 @@ pub fn txn_of(
 
 pub fn insert_txn(
     tx: &Transaction<'_>,
-    user_id: &str,
-    device_id: &str,
+    sender: (&str, &str),
+    room_id: &str,
+    kind: &str,
     txn_id: &str,
     event_id: &str,
 ) -> Result<(), DbError> {
     tx.execute(
-        "INSERT INTO txns (user_id, device_id, txn_id, event_id) VALUES (?1, ?2, ?3, ?4)",
-        params![user_id, device_id, txn_id, event_id],
+        "INSERT INTO txns (user_id, device_id, room_id, type, txn_id, event_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![sender.0, sender.1, room_id, kind, txn_id, event_id],
     )
     .map(drop)
 }
@@ -635,8 +662,8 @@ pub fn account_data_since(
 
 // ---- pushers ----
 
-/// A stored pusher and its queue position.
-#[derive(Clone, Debug)]
+/// A stored pusher and its queue position. No `Debug`: it holds the pushkey and the URL.
+#[derive(Clone)]
 pub struct PusherRow {
     pub id: i64,
     pub user_id: String,
@@ -651,10 +678,12 @@ pub struct PusherRow {
     pub badge_seq: i64,
     /// When the first failed attempt of the current notification was (ms since the epoch).
     pub failing_since: Option<i64>,
+    /// Which item (`e<stream>` or `b<seq>`) `failing_since` is about.
+    pub failing_item: Option<String>,
 }
 
-const PUSHER_COLUMNS: &str = "id, user_id, app_id, pushkey, json, pushkey_ts, position, badge_pending, failing_since, \
-     badge_seq";
+const PUSHER_COLUMNS: &str = "id, user_id, app_id, pushkey, json, pushkey_ts, position, \
+     badge_pending, failing_since, badge_seq, failing_item";
 
 fn pusher_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PusherRow> {
     Ok(PusherRow {
@@ -668,6 +697,7 @@ fn pusher_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PusherRow> {
         badge_pending: r.get(7)?,
         failing_since: r.get(8)?,
         badge_seq: r.get(9)?,
+        failing_item: r.get(10)?,
     })
 }
 
@@ -766,8 +796,10 @@ pub fn next_push_action(
 ) -> Result<Option<(i64, String, Value)>, DbError> {
     conn.query_row(
         "SELECT p.event_stream, p.room_id, p.actions FROM push_actions p
-         LEFT JOIN read_marks k ON k.room_id = p.room_id AND k.user_id = p.user_id
-         WHERE p.user_id = ?1 AND p.event_stream > ?2 AND p.event_stream > COALESCE(k.upto, 0)
+         JOIN members m ON m.room_id = p.room_id AND m.user_id = p.user_id
+           AND m.membership IN ('join', 'invite')
+         JOIN read_marks k ON k.room_id = p.room_id AND k.user_id = p.user_id
+         WHERE p.user_id = ?1 AND p.event_stream > ?2 AND p.event_stream > k.upto
          ORDER BY p.event_stream LIMIT 1",
         params![user_id, position],
         |r| Ok((r.get(0)?, r.get(1)?, json(r.get(2)?))),
@@ -783,9 +815,18 @@ pub fn set_pusher_position(conn: &Connection, id: i64, position: i64) -> Result<
     .map(drop)
 }
 
-pub fn set_pusher_failing(conn: &Connection, id: i64, since: Option<i64>) -> Result<(), DbError> {
-    conn.execute("UPDATE pushers SET failing_since = ?2 WHERE id = ?1", params![id, since])
-        .map(drop)
+/// Records when `item` first failed to send.
+pub fn set_pusher_failing(
+    conn: &Connection,
+    id: i64,
+    since: i64,
+    item: &str,
+) -> Result<(), DbError> {
+    conn.execute(
+        "UPDATE pushers SET failing_since = ?2, failing_item = ?3 WHERE id = ?1",
+        params![id, since, item],
+    )
+    .map(drop)
 }
 
 /// Clears a pusher's badge request if no newer one came while it was being sent.
@@ -812,13 +853,14 @@ pub fn request_badge(tx: &Transaction<'_>, user_id: &str) -> Result<(), DbError>
 /// Records a to-device transaction; false if it was seen before (then nothing is stored).
 pub fn claim_to_device_txn(
     tx: &Transaction<'_>,
-    user_id: &str,
-    device_id: &str,
+    sender: (&str, &str),
+    kind: &str,
     txn_id: &str,
 ) -> Result<bool, DbError> {
     let n = tx.execute(
-        "INSERT OR IGNORE INTO to_device_txns (user_id, device_id, txn_id) VALUES (?1, ?2, ?3)",
-        params![user_id, device_id, txn_id],
+        "INSERT OR IGNORE INTO to_device_txns (user_id, device_id, type, txn_id)
+         VALUES (?1, ?2, ?3, ?4)",
+        params![sender.0, sender.1, kind, txn_id],
     )?;
     Ok(n == 1)
 }

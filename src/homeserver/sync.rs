@@ -99,7 +99,7 @@ pub fn sync_once(
         if initial || invited_at > since.stream {
             invite.insert(
                 room_id.clone(),
-                json!({"invite_state": {"events": stripped_state(conn, &room_id)?}}),
+                json!({"invite_state": {"events": stripped_state(conn, &room_id, user_id)?}}),
             );
         }
     }
@@ -175,7 +175,10 @@ fn joined_room(viewer: &Viewer<'_>, room_id: &str, span: Span) -> ApiResult<Opti
         return Ok(None);
     }
     let first = events.first().map_or(span.upto, |(s, _)| *s);
-    let state: Vec<Value> = if fresh || span.full_state {
+    let state: Vec<Value> = if limited && !fresh && !span.full_state {
+        // The timeline skips part of what happened: its state changes go in `state`.
+        viewer.events(store::state_between(conn, room_id, span.since, first)?)?
+    } else if fresh || span.full_state {
         // The state before the timeline starts: current state not in the timeline.
         let in_timeline: std::collections::HashSet<&str> =
             events.iter().filter_map(|(_, e)| e["event_id"].as_str()).collect();
@@ -212,21 +215,26 @@ fn joined_room(viewer: &Viewer<'_>, room_id: &str, span: Span) -> ApiResult<Opti
     })))
 }
 
-/// The stripped state an invitee sees.
-fn stripped_state(conn: &Connection, room_id: &str) -> ApiResult<Vec<Value>> {
+/// State events an invitee sees, stripped (the spec's recommended set).
+const STRIPPED_STATE: [&str; 7] = [
+    "m.room.create",
+    "m.room.join_rules",
+    "m.room.name",
+    "m.room.topic",
+    "m.room.avatar",
+    "m.room.canonical_alias",
+    "m.room.encryption",
+];
+
+/// The stripped state an invitee sees: the recommended events and their own membership (not
+/// the other members').
+fn stripped_state(conn: &Connection, room_id: &str, user_id: &str) -> ApiResult<Vec<Value>> {
     Ok(store::room_state(conn, room_id)?
         .into_iter()
-        .filter(|e| {
-            matches!(
-                e["type"].as_str(),
-                Some(
-                    "m.room.create"
-                        | "m.room.join_rules"
-                        | "m.room.name"
-                        | "m.room.member"
-                        | "m.room.topic"
-                )
-            )
+        .filter(|e| match e["type"].as_str() {
+            Some("m.room.member") => e["state_key"] == user_id,
+            Some(kind) => STRIPPED_STATE.contains(&kind),
+            None => false,
         })
         .map(|e| {
             json!({

@@ -23,7 +23,7 @@ pub fn send(
     txn_id: &str,
     messages: &Map<String, Value>,
 ) -> ApiResult<usize> {
-    let (sender_user, sender_device) = sender;
+    let sender_user = sender.0;
     // Check everything before storing anything.
     for (user_id, devices) in messages {
         if !hs.is_local(user_id) {
@@ -45,21 +45,17 @@ pub fn send(
         }
     }
     let tx = conn.transaction()?;
-    if !store::claim_to_device_txn(&tx, sender_user, sender_device, txn_id)? {
+    if !store::claim_to_device_txn(&tx, sender, kind, txn_id)? {
         return Ok(0);
     }
     let mut stored = 0;
     for (user_id, devices) in messages {
-        let known = store::devices(&tx, user_id)?;
-        for (device, content) in devices.as_object().into_iter().flatten() {
-            // Unknown users and devices receive nothing, as on other homeservers.
-            let targets: Vec<&String> = if device == "*" {
-                known.iter().collect()
-            } else {
-                known.iter().filter(|d| *d == device).collect()
-            };
-            for target in targets {
-                store::insert_to_device(&tx, user_id, target, sender_user, kind, content)?;
+        let Some(devices) = devices.as_object() else { continue };
+        // One message per device per transaction: a message for the device by name wins over
+        // `*`. Unknown users and devices receive nothing, as on other homeservers.
+        for device in store::devices(&tx, user_id)? {
+            if let Some(content) = devices.get(&device).or_else(|| devices.get("*")) {
+                store::insert_to_device(&tx, user_id, &device, sender_user, kind, content)?;
                 stored += 1;
             }
         }

@@ -265,10 +265,12 @@ pub async fn put_account_data(
     if user != auth.user_id {
         return Err(MatrixError::forbidden("you can only set your own account data"));
     }
-    if kind == crate::homeserver::PUSH_RULES {
-        return Err(MatrixError::bad_request(
+    if kind == crate::homeserver::PUSH_RULES || kind == "m.fully_read" {
+        // The spec (v1.10): these types have their own APIs; setting them here is a 405.
+        return Err(MatrixError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
             "M_BAD_JSON",
-            "m.push_rules is changed through the push rules API",
+            format!("{kind} cannot be set here: use the push rules API or read markers"),
         ));
     }
     hs.db(move |hs, conn| {

@@ -24,10 +24,11 @@ pub mod sync;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
-use axum::http::StatusCode;
 use axum::http::request::Parts;
+use axum::http::{Method, StatusCode, header};
 use axum::routing::{get, post, put};
 use serde_json::{Map, Value};
+use tower_http::cors::{Any, CorsLayer};
 
 use self::error::MatrixError;
 use super::{Homeserver, store};
@@ -104,15 +105,38 @@ pub fn router(hs: Homeserver) -> Router {
             MatrixError::new(StatusCode::METHOD_NOT_ALLOWED, "M_UNRECOGNIZED", "method not allowed")
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        // Browser clients: the spec asks every endpoint to answer CORS preflights.
+        .layer(
+            CorsLayer::new()
+                .allow_origin(Any)
+                .allow_methods([
+                    Method::GET,
+                    Method::POST,
+                    Method::PUT,
+                    Method::DELETE,
+                    Method::OPTIONS,
+                ])
+                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::ACCEPT]),
+        )
         .with_state(hs)
 }
 
 /// The authenticated caller.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Auth {
     pub user_id: String,
     pub device_id: String,
     pub token: String,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token.
+        f.debug_struct("Auth")
+            .field("user_id", &self.user_id)
+            .field("device_id", &self.device_id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl FromRequestParts<Homeserver> for Auth {

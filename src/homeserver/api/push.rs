@@ -28,6 +28,9 @@ impl From<EditError> for MatrixError {
     }
 }
 
+/// Each pusher is a task and a POST per notification: a user gets a bounded number.
+pub const MAX_PUSHERS_PER_USER: usize = 20;
+
 pub async fn get_pushers(State(hs): State<Homeserver>, auth: Auth) -> ApiResult<Json<Value>> {
     let rows = hs.db(move |_, conn| Ok(store::pushers_of(conn, &auth.user_id)?)).await?;
     let pushers: Vec<Value> = rows.into_iter().map(|r| r.json).collect();
@@ -49,6 +52,17 @@ pub async fn set_pusher(
                 }
             }
             PusherChange::Set { pusher, append } => {
+                let existing = store::pushers_of(conn, &auth.user_id)?;
+                let replaces = existing
+                    .iter()
+                    .any(|p| p.app_id == pusher.app_id && p.pushkey == pusher.pushkey);
+                if !replaces && existing.len() >= MAX_PUSHERS_PER_USER {
+                    return Err(MatrixError::new(
+                        StatusCode::BAD_REQUEST,
+                        "M_LIMIT_EXCEEDED",
+                        format!("a user can have at most {MAX_PUSHERS_PER_USER} pushers"),
+                    ));
+                }
                 let json = serde_json::to_value(&pusher)
                     .map_err(|e| MatrixError::bad_json(e.to_string()))?;
                 let tx = conn.transaction()?;

@@ -163,8 +163,16 @@ pub async fn receipt(
     State(hs): State<Homeserver>,
     auth: Auth,
     Path((room, kind, event)): Path<(String, String, String)>,
-    JsonObject(_): JsonObject,
+    JsonObject(body): JsonObject,
 ) -> ApiResult<Json<Value>> {
+    match body.get("thread_id") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(thread)) if thread == "main" => {}
+        // A receipt inside a thread says nothing about the main timeline, and this server
+        // keeps no per-thread counts: accepted, and it moves nothing.
+        Some(Value::String(_)) => return Ok(Json(json!({}))),
+        Some(_) => return Err(MatrixError::bad_json("`thread_id` must be a string")),
+    }
     hs.db(move |hs, conn| rooms::receipt(hs, conn, &auth.user_id, &room, &kind, &event)).await?;
     Ok(Json(json!({})))
 }
