@@ -1,10 +1,15 @@
 //! Criterion benches for the per-device hot path: parsing a notify body, building APNs and FCM
-//! payloads (including the shortening of oversized content), and the dedup key.
+//! payloads (including the shortening of a 40 KB and a 60 KB body), the dedup key, and a dedup
+//! lookup that hits (a retry) or misses (a new event) in a cache of 200,000 entries.
 //!
 //! `cargo bench --bench payloads`. Compare runs on one machine only; these machines are noisy.
 
 use criterion::{BenchmarkId, Criterion, black_box, criterion_group, criterion_main};
-use herald::dedup::DedupKey;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use herald::config::DedupConfig;
+use herald::dedup::{Dedup, DedupKey, Deduped, Final};
 use herald::notification::{self, Notification};
 use herald::providers::{apns, fcm};
 use serde_json::json;
@@ -35,12 +40,17 @@ fn benches(c: &mut Criterion) {
             bench.iter(|| notification::parse(black_box(b)).unwrap())
         });
     }
+    let b = body(&"x".repeat(60_000), 1);
+    group.bench_with_input(BenchmarkId::new("notify_body", "60KB"), &b, |bench, b| {
+        bench.iter(|| notification::parse(black_box(b)).unwrap())
+    });
     group.finish();
 
     let mut group = c.benchmark_group("payload");
     for (name, text) in [
         ("short", "I'm floating in a most peculiar way.".to_owned()),
         ("oversized", "ü".repeat(20_000)),
+        ("60KB", "floating ".repeat(6_700)),
     ] {
         let n = parsed(&text);
         let d = &n.devices[0];
@@ -67,5 +77,36 @@ fn benches(c: &mut Criterion) {
     });
 }
 
-criterion_group!(payloads, benches);
+fn dedup_benches(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let dedup = Dedup::new(&DedupConfig { ttl: Duration::from_secs(3600), max_entries: 200_000 });
+    // Fill the cache, as on a gateway that has run a while.
+    let next = AtomicU64::new(0);
+    let key = |n: u64| DedupKey::new(&format!("$event{n}"), "im.example.ios", "pushkey-0001");
+    rt.block_on(async {
+        for _ in 0..200_000 {
+            let n = next.fetch_add(1, Ordering::Relaxed);
+            let _: Deduped<()> = dedup.run(key(n), async { Ok(Final::Delivered) }).await;
+        }
+        dedup.run_pending_tasks().await;
+    });
+    let mut group = c.benchmark_group("dedup");
+    let known = key(199_999);
+    group.bench_function("hit", |bench| {
+        bench.to_async(&rt).iter(|| async {
+            let r: Deduped<()> = dedup.run(black_box(known), async { Ok(Final::Delivered) }).await;
+            assert!(matches!(r, Deduped::Known(_)));
+        })
+    });
+    group.bench_function("miss", |bench| {
+        bench.to_async(&rt).iter(|| async {
+            let k = key(next.fetch_add(1, Ordering::Relaxed));
+            let r: Deduped<()> = dedup.run(black_box(k), async { Ok(Final::Delivered) }).await;
+            assert!(matches!(r, Deduped::Sent(_)));
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(payloads, benches, dedup_benches);
 criterion_main!(payloads);
