@@ -13,7 +13,9 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
 use crate::support::gateway::Reply;
-use crate::support::matrix::{TestHomeserver, User, esc, request, request_bytes};
+use crate::support::matrix::{
+    TestHomeserver, User, esc, request, request_bytes, request_with_headers,
+};
 
 // ---- helpers ----
 
@@ -1468,4 +1470,345 @@ async fn a_long_poll_sync_wakes_for_a_to_device_message() {
     assert_ok(&send_to_device(&alice, "t1", json!({ &bob.user_id: {"*": {"knock": 1}} })).await);
     let sync = woken(waiter).await;
     assert_eq!(to_device_events(&sync).len(), 1, "{sync}");
+}
+
+// ---- regressions of the review fixes (79e219e) ----
+
+/// `POST /createRoom` as `user`, without asserting success.
+async fn create_room_reply(user: &User, body: Value) -> Reply {
+    user.post("/createRoom", &body).await
+}
+
+/// The room ids `user` has joined, from an initial sync.
+async fn joined_rooms(user: &User) -> Vec<String> {
+    let sync = user.sync(None, 0).await;
+    sync["rooms"]["join"]
+        .as_object()
+        .map(|rooms| rooms.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn initial_state_cannot_hold_member_or_create_events() {
+    let (_server, [alice, bob]) = users(["alice", "bob"]).await;
+    let forged_member = json!({"type": "m.room.member", "state_key": bob.user_id,
+                               "content": {"membership": "join"}});
+    let forged_create = json!({"type": "m.room.create", "state_key": "",
+                               "content": {"creator": bob.user_id, "room_version": "1"}});
+    for event in [forged_member, forged_create] {
+        let body = json!({"preset": "public_chat", "initial_state": [event]});
+        let reply = create_room_reply(&alice, body).await;
+        assert_error(&reply, 400, "M_INVALID_PARAM");
+    }
+    assert!(joined_rooms(&bob).await.is_empty(), "bob was put in no room");
+    let invited = &bob.sync(None, 0).await["rooms"]["invite"];
+    assert_eq!(invited, &json!({}), "nor invited anywhere");
+    assert!(joined_rooms(&alice).await.is_empty(), "no room was created");
+}
+
+#[tokio::test]
+async fn initial_state_content_must_be_an_object() {
+    let (_server, [alice]) = users(["alice"]).await;
+    for content in [json!("cake"), json!(["cake"]), json!(5), Value::Null] {
+        let event = json!({"type": "m.room.topic", "state_key": "", "content": content});
+        let reply = create_room_reply(&alice, json!({"initial_state": [event]})).await;
+        assert_error(&reply, 400, "M_BAD_JSON");
+    }
+    assert!(joined_rooms(&alice).await.is_empty(), "no room was created");
+}
+
+#[tokio::test]
+async fn a_state_key_that_is_another_users_id_is_theirs_alone() {
+    let (_server, [alice, bob]) = users(["alice", "bob"]).await;
+    let flag = |key: &str| json!({"type": "org.example.flag", "state_key": key, "content": {}});
+    let theirs = create_room_reply(&alice, json!({"initial_state": [flag(&bob.user_id)]})).await;
+    assert_error(&theirs, 403, "M_FORBIDDEN");
+    assert!(joined_rooms(&alice).await.is_empty(), "no room was created");
+    // Her own user id is hers to use, in `initial_state` and through `PUT /state`.
+    let room = alice.create_room(json!({"initial_state": [flag(&alice.user_id)]})).await;
+    let own = room_path(&room, &format!("/state/org.example.flag/{}", esc(&alice.user_id)));
+    assert_eq!(alice.get(&own).await.json, json!({}));
+    assert_ok(&alice.put(&own, &json!({"on": true})).await);
+    // Alice has every power level in her room, and still cannot set bob's key.
+    let other = room_path(&room, &format!("/state/org.example.flag/{}", esc(&bob.user_id)));
+    assert_error(&alice.put(&other, &json!({"on": true})).await, 403, "M_FORBIDDEN");
+    assert_error(&alice.get(&other).await, 404, "M_NOT_FOUND");
+}
+
+#[tokio::test]
+async fn the_creator_cannot_invite_themselves() {
+    let (_server, [alice, bob]) = users(["alice", "bob"]).await;
+    let reply = create_room_reply(&alice, json!({"invite": [bob.user_id, alice.user_id]})).await;
+    assert_error(&reply, 400, "M_INVALID_PARAM");
+    assert!(joined_rooms(&alice).await.is_empty(), "no room was created");
+    assert_eq!(bob.sync(None, 0).await["rooms"]["invite"], json!({}), "bob was not invited");
+}
+
+#[tokio::test]
+async fn a_limited_incremental_sync_carries_the_state_changes_it_skips() {
+    let (_server, [alice, bob]) = users(["alice", "bob"]).await;
+    let room = public_room(&alice, &[&bob]).await;
+    let since = next_batch(&bob.sync(None, 0).await);
+    let renamed = alice.put(&room_path(&room, "/state/m.room.name"), &json!({"name": "Pie"})).await;
+    assert_ok(&renamed);
+    // More messages after the rename than one timeline holds (50).
+    for n in 0..55 {
+        alice.send_text(&room, &format!("message {n}")).await;
+    }
+    let sync = bob.sync(Some(&since), 0).await;
+    let joined = &sync["rooms"]["join"][&room];
+    assert_eq!(joined["timeline"]["limited"], true, "{joined}");
+    let events = timeline(&sync, &room);
+    assert_eq!(events.len(), 50);
+    assert!(of_type(&events, "m.room.name").is_empty(), "the rename is before the timeline");
+    let state = joined["state"]["events"].as_array().expect("state events").clone();
+    let names = of_type(&state, "m.room.name");
+    assert_eq!(names.len(), 1, "the skipped rename: {state:?}");
+    assert_eq!(names[0]["event_id"], renamed.json["event_id"]);
+    assert_eq!(names[0]["content"], json!({"name": "Pie"}));
+    // Only what changed in the gap: not the state bob already had.
+    assert!(of_type(&state, "m.room.create").is_empty(), "{state:?}");
+}
+
+#[tokio::test]
+async fn a_txn_id_is_scoped_to_its_room_and_event_type() {
+    let (_server, [alice]) = users(["alice"]).await;
+    let first = public_room(&alice, &[]).await;
+    let second = public_room(&alice, &[]).await;
+    let in_first = send_with_txn(&alice, &first, "same", "in the first room").await;
+    let in_second = send_with_txn(&alice, &second, "same", "in the second room").await;
+    let custom_path = room_path(&first, "/send/org.example.custom/same");
+    let custom = alice.put(&custom_path, &json!({"n": 1})).await;
+    for reply in [&in_first, &in_second, &custom] {
+        assert_ok(reply);
+    }
+    let ids = [&in_first, &in_second, &custom].map(|r| r.json["event_id"].clone());
+    assert!(ids[0] != ids[1] && ids[0] != ids[2] && ids[1] != ids[2], "three events: {ids:?}");
+    let sync = alice.sync(None, 0).await;
+    let events = timeline(&sync, &first);
+    let messages = of_type(&events, "m.room.message");
+    assert_eq!(messages.len(), 1, "{events:?}");
+    assert_eq!(messages[0]["content"]["body"], "in the first room");
+    assert_eq!(of_type(&events, "org.example.custom")[0]["event_id"], ids[2]);
+    let events = timeline(&sync, &second);
+    assert_eq!(of_type(&events, "m.room.message")[0]["content"]["body"], "in the second room");
+    // The same path again is still the same transaction.
+    let again = send_with_txn(&alice, &second, "same", "in the second room").await;
+    assert_eq!(again.json["event_id"], ids[1]);
+}
+
+#[tokio::test]
+async fn a_to_device_txn_id_is_scoped_to_its_event_type() {
+    let (_server, [alice, bob]) = users(["alice", "bob"]).await;
+    assert_ok(&send_to_device(&alice, "same", json!({ &bob.user_id: {"*": {"n": 1}} })).await);
+    let other = json!({"messages": { &bob.user_id: {"*": {"n": 2}} }});
+    assert_ok(&alice.put("/sendToDevice/m.other/same", &other).await);
+    let events = to_device_events(&bob.sync(None, 0).await);
+    let seen: Vec<(Value, Value)> =
+        events.iter().map(|e| (e["type"].clone(), e["content"].clone())).collect();
+    assert_eq!(
+        seen,
+        [(json!("m.test"), json!({"n": 1})), (json!("m.other"), json!({"n": 2}))],
+        "both stored"
+    );
+}
+
+#[tokio::test]
+async fn sending_an_event_marks_the_room_read_for_the_sender() {
+    let (_server, [alice, bob]) = users(["alice", "bob"]).await;
+    let room = public_room(&alice, &[&bob]).await;
+    alice.send_text(&room, "one").await;
+    alice.send_text(&room, "two").await;
+    assert_eq!(unread(&bob, &room).await, (2, 0));
+    let since = next_batch(&bob.sync(None, 0).await);
+    bob.send_text(&room, "read them both").await;
+    let sync = bob.sync(Some(&since), 0).await;
+    assert_eq!(counts(&sync, &room), (0, 0), "{sync}");
+    // A state event counts as well: alice has bob's message unread until she sets the topic.
+    assert_eq!(unread(&alice, &room).await, (1, 0));
+    assert_ok(&alice.put(&room_path(&room, "/state/m.room.topic"), &json!({"topic": "t"})).await);
+    assert_eq!(unread(&alice, &room).await, (0, 0));
+}
+
+#[tokio::test]
+async fn inviting_needs_the_invite_power_level() {
+    let (_server, [alice, bob, carol]) = users(["alice", "bob", "carol"]).await;
+    let room = public_room(&alice, &[&bob]).await;
+    let power = state(&alice, &room, "m.room.power_levels").await;
+    assert_eq!(
+        (power.json["invite"].clone(), power.json["users"].get(&bob.user_id)),
+        (json!(50), None)
+    );
+    let invite_carol = json!({"user_id": carol.user_id});
+    let by_bob = bob.post(&room_path(&room, "/invite"), &invite_carol).await;
+    assert_error(&by_bob, 403, "M_FORBIDDEN");
+    assert_error(&state(&alice, &room, &member(&carol)).await, 404, "M_NOT_FOUND");
+    assert_eq!(carol.sync(None, 0).await["rooms"]["invite"], json!({}), "carol was not invited");
+    assert_ok(&alice.post(&room_path(&room, "/invite"), &invite_carol).await);
+    // In a private_chat room the invite level is 0: any member may invite.
+    let private_chat = json!({"preset": "private_chat", "invite": [bob.user_id]});
+    let private = alice.create_room(private_chat).await;
+    bob.join(&private).await;
+    assert_ok(&bob.post(&room_path(&private, "/invite"), &invite_carol).await);
+}
+
+#[tokio::test]
+async fn invite_state_shows_the_invitee_only_their_own_membership() {
+    let (_server, [alice, bob, carol]) = users(["alice", "bob", "carol"]).await;
+    let body = json!({"name": "Party", "invite": [bob.user_id, carol.user_id]});
+    let room = alice.create_room(body).await;
+    let sync = bob.sync(None, 0).await;
+    let events = sync["rooms"]["invite"][&room]["invite_state"]["events"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no invite: {sync}"))
+        .clone();
+    let members = of_type(&events, "m.room.member");
+    assert_eq!(members.len(), 1, "only bob's own member event: {events:?}");
+    assert_eq!(members[0]["state_key"], bob.user_id);
+    assert_eq!(members[0]["content"]["membership"], "invite");
+    let names = of_type(&events, "m.room.name");
+    assert_eq!(names.len(), 1, "{events:?}");
+    assert_eq!(names[0]["content"], json!({"name": "Party"}));
+    let text = Value::Array(events).to_string();
+    assert!(!text.contains(&carol.user_id), "another invitee leaked: {text}");
+}
+
+#[tokio::test]
+async fn a_thread_receipt_does_not_clear_the_main_timeline() {
+    let (_server, [alice, bob]) = users(["alice", "bob"]).await;
+    let room = public_room(&alice, &[&bob]).await;
+    let root = alice.send_text(&room, "one").await;
+    let second = alice.send_text(&room, "two").await;
+    let path = room_path(&room, &format!("/receipt/m.read/{}", esc(&second)));
+    assert_ok(&bob.post(&path, &json!({"thread_id": root})).await);
+    assert_eq!(unread(&bob, &room).await, (2, 0), "a receipt in a thread");
+    assert_error(&bob.post(&path, &json!({"thread_id": 5})).await, 400, "M_BAD_JSON");
+    assert_ok(&bob.post(&path, &json!({"thread_id": "main"})).await);
+    assert_eq!(unread(&bob, &room).await, (0, 0), "a receipt on the main timeline");
+}
+
+#[tokio::test]
+async fn to_device_star_and_a_named_device_send_one_message_per_device() {
+    let (server, [alice, bob]) = users(["alice", "bob"]).await;
+    let phone = User::login(&server.base(), "bob").await;
+    let tablet = User::login(&server.base(), "bob").await;
+    let messages =
+        json!({ &bob.user_id: {"*": {"for": "everyone"}, &phone.device_id: {"for": "phone"}} });
+    assert_ok(&send_to_device(&alice, "t1", messages).await);
+    let contents = |sync: &Value| -> Vec<Value> {
+        to_device_events(sync).iter().map(|e| e["content"].clone()).collect()
+    };
+    assert_eq!(contents(&phone.sync(None, 0).await), [json!({"for": "phone"})]);
+    for other in [&bob, &tablet] {
+        assert_eq!(contents(&other.sync(None, 0).await), [json!({"for": "everyone"})]);
+    }
+}
+
+#[tokio::test]
+async fn an_event_over_64_kib_is_too_large() {
+    let (_server, [alice]) = users(["alice"]).await;
+    let room = public_room(&alice, &[]).await;
+    let big = json!({"msgtype": "m.text", "body": "x".repeat(65_536)});
+    let reply = alice.put(&room_path(&room, "/send/m.room.message/big"), &big).await;
+    assert_error(&reply, 413, "M_TOO_LARGE");
+    let topic = json!({"topic": "x".repeat(65_536)});
+    let reply = alice.put(&room_path(&room, "/state/m.room.topic"), &topic).await;
+    assert_error(&reply, 413, "M_TOO_LARGE");
+    // Well under the limit is fine (the whole event is measured, not only the content).
+    let fits = json!({"msgtype": "m.text", "body": "x".repeat(60_000)});
+    assert_ok(&alice.put(&room_path(&room, "/send/m.room.message/fits"), &fits).await);
+    let events = timeline(&alice.sync(None, 0).await, &room);
+    let messages = of_type(&events, "m.room.message");
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0]["content"]["body"].as_str().map(str::len), Some(60_000));
+    assert!(of_type(&events, "m.room.topic").is_empty());
+}
+
+#[tokio::test]
+async fn a_user_has_at_most_twenty_pushers() {
+    let (_server, [alice]) = users(["alice"]).await;
+    for n in 0..20 {
+        assert_ok(
+            &alice.post("/pushers/set", &pusher_body("org.example.app", &format!("k{n}"))).await,
+        );
+    }
+    let extra = alice.post("/pushers/set", &pusher_body("org.example.app", "k20")).await;
+    assert_error(&extra, 400, "M_LIMIT_EXCEEDED");
+    // Replacing one (same app id and pushkey) is no new pusher.
+    let mut renamed = pusher_body("org.example.app", "k0");
+    renamed["device_display_name"] = json!("Tablet");
+    assert_ok(&alice.post("/pushers/set", &renamed).await);
+    let listed = pushers(&alice).await;
+    assert_eq!(listed.len(), 20);
+    assert!(listed.iter().any(|p| p["pushkey"] == "k0" && p["device_display_name"] == "Tablet"));
+    assert!(listed.iter().all(|p| p["pushkey"] != "k20"), "{listed:?}");
+    // Deleting one makes room for another.
+    let delete = json!({"kind": null, "app_id": "org.example.app", "pushkey": "k1"});
+    assert_ok(&alice.post("/pushers/set", &delete).await);
+    assert_ok(&alice.post("/pushers/set", &pusher_body("org.example.app", "k20")).await);
+    assert_eq!(pushers(&alice).await.len(), 20);
+}
+
+#[tokio::test]
+async fn a_cors_preflight_is_answered_for_any_origin() {
+    let server = TestHomeserver::start().await;
+    let origin = ("origin", "https://app.example.org");
+    let preflight = [
+        origin,
+        ("access-control-request-method", "GET"),
+        ("access-control-request-headers", "authorization"),
+    ];
+    let reply = request_with_headers(
+        &server.base(),
+        Method::OPTIONS,
+        "/_matrix/client/v3/sync",
+        &preflight,
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{:?}", reply.headers);
+    let header = |reply: &Reply, name: &str| {
+        reply.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_lowercase()
+    };
+    assert_eq!(header(&reply, "access-control-allow-origin"), "*");
+    assert!(header(&reply, "access-control-allow-methods").contains("get"), "{:?}", reply.headers);
+    assert!(
+        header(&reply, "access-control-allow-headers").contains("authorization"),
+        "{:?}",
+        reply.headers
+    );
+    // The request that follows carries the header too.
+    let versions =
+        request_with_headers(&server.base(), Method::GET, "/_matrix/client/versions", &[origin])
+            .await;
+    assert_ok(&versions);
+    assert_eq!(header(&versions, "access-control-allow-origin"), "*");
+}
+
+#[tokio::test]
+async fn m_fully_read_cannot_be_set_as_account_data() {
+    let (_server, [alice]) = users(["alice"]).await;
+    let path = format!("/user/{}/account_data/m.fully_read", esc(&alice.user_id));
+    let reply = alice.put(&path, &json!({"event_id": "$somewhere"})).await;
+    assert_error(&reply, 405, "M_BAD_JSON");
+    assert_error(&alice.get(&path).await, 404, "M_NOT_FOUND");
+}
+
+#[tokio::test]
+async fn logging_in_again_as_a_device_invalidates_its_older_token() {
+    let (server, [alice]) = users(["alice"]).await;
+    let phone = User::login(&server.base(), "alice").await;
+    let body = json!({"type": "m.login.password", "identifier": {"type": "m.id.user",
+        "user": "alice"}, "password": "pw", "device_id": alice.device_id});
+    let login =
+        request(&server.base(), Method::POST, "/_matrix/client/v3/login", None, &body).await;
+    assert_ok(&login);
+    assert_eq!(login.json["device_id"], alice.device_id);
+    let token = login.json["access_token"].as_str().expect("access_token");
+    assert_ne!(token, alice.token);
+    assert_error(&alice.get("/account/whoami").await, 401, "M_UNKNOWN_TOKEN");
+    let path = "/_matrix/client/v3/account/whoami";
+    let whoami = request(&server.base(), Method::GET, path, Some(token), &Value::Null).await;
+    assert_ok(&whoami);
+    assert_eq!(whoami.json["device_id"], alice.device_id);
+    assert_ok(&phone.get("/account/whoami").await);
 }

@@ -7,6 +7,7 @@
 //! pusher must send after the one that should not exist. Timing assertions are lower bounds
 //! only. The restart test runs the real `herald homeserver` binary and kills it with SIGKILL.
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -240,6 +241,8 @@ struct FrontState {
     /// The gateway's notify URL.
     target: String,
     up: AtomicBool,
+    /// Answers to give before anything else, oldest first: a status and a `Retry-After`.
+    script: Mutex<VecDeque<(StatusCode, Option<u64>)>>,
     attempts: Mutex<Vec<Attempt>>,
     client: Client<HttpConnector, Full<Bytes>>,
 }
@@ -257,6 +260,7 @@ impl Front {
         let state = Arc::new(FrontState {
             target,
             up: AtomicBool::new(up),
+            script: Mutex::default(),
             attempts: Mutex::default(),
             client: client(),
         });
@@ -276,6 +280,15 @@ impl Front {
 
     fn set_up(&self, up: bool) {
         self.state.up.store(up, Ordering::SeqCst);
+    }
+
+    /// The next attempts get these answers (status, `Retry-After` seconds) instead of the
+    /// gateway's, one each, whether the front is up or down.
+    fn answer_next(&self, answers: &[(u16, Option<u64>)]) {
+        let mut script = self.state.script.lock().unwrap();
+        for (status, retry_after) in answers {
+            script.push_back((StatusCode::from_u16(*status).unwrap(), *retry_after));
+        }
     }
 
     fn attempts(&self) -> Vec<Attempt> {
@@ -301,6 +314,18 @@ impl Drop for Front {
 async fn front_notify(State(state): State<Arc<FrontState>>, body: Bytes) -> Response {
     let at = Instant::now();
     let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let scripted = state.script.lock().unwrap().pop_front();
+    if let Some((status, retry_after)) = scripted {
+        let error = json!({"errcode": "M_UNKNOWN", "error": "scripted answer (test)"});
+        state.attempts.lock().unwrap().push(Attempt { at, body: json, status: status.as_u16() });
+        let mut response =
+            (status, [(http::header::CONTENT_TYPE, "application/json")], error.to_string())
+                .into_response();
+        if let Some(seconds) = retry_after {
+            response.headers_mut().insert(http::header::RETRY_AFTER, seconds.into());
+        }
+        return response;
+    }
     let (status, answer) = if state.up.load(Ordering::SeqCst) {
         let reply = send(&state.client, Method::POST, &state.target, body.to_vec()).await;
         (reply.status, reply.raw)
@@ -898,4 +923,114 @@ async fn event_id_only_pusher_carries_no_message_content() {
     let mut keys: Vec<&str> = sent.as_object().unwrap().keys().map(String::as_str).collect();
     keys.sort_unstable();
     assert_eq!(keys, ["counts", "devices", "event_id", "prio", "room_id"], "{sent}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Regressions of the review fixes (79e219e).
+// ---------------------------------------------------------------------------------------------
+
+/// Alice and Bob in a DM on a fresh homeserver; Bob's phone (`device(n)` of `p`) has a pusher
+/// whose gateway URL is `url`.
+async fn dm_with_bob_pushing_to(
+    p: &Provider,
+    n: u8,
+    url: &str,
+) -> (TestHomeserver, User, User, String, Device) {
+    let hs = TestHomeserver::start().await;
+    let alice = hs.register("alice").await;
+    let bob = hs.register("bob").await;
+    let dm = room_with(&alice, &[&bob], None).await;
+    let bob_phone = p.device(n);
+    set_pusher(&bob, p, &bob_phone, url, json!({})).await;
+    (hs, alice, bob, dm, bob_phone)
+}
+
+/// `(event id, status)` of each attempt at the front.
+fn tries(front: &Front) -> Vec<(Option<String>, u16)> {
+    front.attempts().iter().map(|a| (a.event_id().map(str::to_owned), a.status)).collect()
+}
+
+#[tokio::test]
+async fn a_notification_the_gateway_refuses_is_skipped_not_retried() {
+    let p = Provider::apns(Settings::default()).await;
+    let front = Front::start(p.notify_url(), true).await;
+    let (_hs, alice, _bob, dm, bob_phone) = dm_with_bob_pushing_to(&p, 12, &front.url()).await;
+    // A 400 and a 413 say this very request is wrong: sending it again cannot help.
+    front.answer_next(&[(400, None), (413, None)]);
+    let sent = [
+        alice.send_text(&dm, "one").await,
+        alice.send_text(&dm, "two").await,
+        alice.send_text(&dm, "three").await,
+    ];
+    let delivered = p.wait_delivered(&bob_phone, 1).await;
+    assert_eq!(event_ids(&delivered), [Some(sent[2].as_str())], "the refused two are skipped");
+    // The queue is ordered: a retry of the first two would come before any later message.
+    let four = alice.send_text(&dm, "four").await;
+    let delivered = p.wait_delivered(&bob_phone, 2).await;
+    assert_eq!(event_ids(&delivered), [Some(sent[2].as_str()), Some(four.as_str())]);
+    let expected = [
+        (Some(sent[0].clone()), 400),
+        (Some(sent[1].clone()), 413),
+        (Some(sent[2].clone()), 200),
+        (Some(four), 200),
+    ];
+    assert_eq!(tries(&front), expected, "each tried once, none retried");
+}
+
+#[tokio::test]
+async fn a_rate_limited_or_unavailable_gateway_is_retried_honouring_retry_after() {
+    let p = Provider::apns(Settings::default()).await;
+    let front = Front::start(p.notify_url(), true).await;
+    let (_hs, alice, _bob, dm, bob_phone) = dm_with_bob_pushing_to(&p, 13, &front.url()).await;
+    // 429 asks for 2 s (more than the first backoff step, 1 s); 503 then backs off 2 s.
+    front.answer_next(&[(429, Some(2)), (503, None)]);
+    let one = alice.send_text(&dm, "one").await;
+    let delivered = p.wait_delivered(&bob_phone, 1).await;
+    assert_eq!(event_ids(&delivered), [Some(one.as_str())]);
+    let expected = [(Some(one.clone()), 429), (Some(one.clone()), 503), (Some(one), 200)];
+    assert_eq!(tries(&front), expected, "the same notification until it went through");
+    let attempts = front.attempts();
+    let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1].at - w[0].at).collect();
+    assert!(gaps[0] >= Duration::from_millis(1900), "Retry-After: 2 was not honoured: {gaps:?}");
+    assert!(gaps[1] >= Duration::from_millis(1900), "the second backoff step is 2 s: {gaps:?}");
+}
+
+#[tokio::test]
+async fn sending_a_message_clears_the_senders_badge() {
+    let p = Provider::apns(Settings::default()).await;
+    let url = p.notify_url();
+    let (_hs, alice, bob, dm, bob_phone) = dm_with_bob_pushing_to(&p, 14, &url).await;
+    let hello = alice.send_text(&dm, "hello").await;
+    let pushes = p.wait_for(&bob_phone, 1).await;
+    assert_eq!(event_ids(&pushes), [Some(hello.as_str())]);
+    assert_eq!(p.unread(&pushes[0]), Some(1));
+
+    // Bob answers: sending reads the room, so his phone's badge goes to 0.
+    bob.send_text(&dm, "hi").await;
+    assert_eq!(unread_total(&bob).await, 0);
+    let pushes = p.wait_for(&bob_phone, 2).await;
+    assert_eq!(pushes[1].body, json!({"aps": {"badge": 0}}), "a badge-only update");
+}
+
+#[tokio::test]
+async fn leaving_a_room_with_unread_notifications_updates_the_badge() {
+    let p = Provider::apns(Settings::default()).await;
+    let hs = TestHomeserver::start().await;
+    let alice = hs.register("alice").await;
+    let bob = hs.register("bob").await;
+    let left = room_with(&alice, &[&bob], None).await;
+    let kept = room_with(&alice, &[&bob], None).await;
+    let bob_phone = p.device(15);
+    set_pusher(&bob, &p, &bob_phone, &p.notify_url(), json!({})).await;
+    let one = alice.send_text(&left, "one").await;
+    let two = alice.send_text(&kept, "two").await;
+    let pushes = p.wait_for(&bob_phone, 2).await;
+    assert_eq!(event_ids(&pushes), [Some(one.as_str()), Some(two.as_str())]);
+    assert_eq!(p.unread(&pushes[1]), Some(2));
+
+    let reply = bob.post(&format!("/rooms/{}/leave", esc(&left)), &json!({})).await;
+    assert_eq!(reply.status, 200, "leave: {}", reply.json);
+    assert_eq!(unread_total(&bob).await, 1);
+    let pushes = p.wait_for(&bob_phone, 3).await;
+    assert_eq!(pushes[2].body, json!({"aps": {"badge": 1}}), "the left room no longer counts");
 }

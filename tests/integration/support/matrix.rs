@@ -272,3 +272,27 @@ async fn raw_bytes(
     let json = serde_json::from_slice(&raw).unwrap_or(Value::Null);
     Reply { status, headers, raw, json }
 }
+
+/// A request to `{base}{path}` with no body, no token and exactly the given extra headers (for
+/// CORS preflights and the like).
+pub async fn request_with_headers(
+    base: &str,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Reply {
+    let mut request = Request::builder().method(method).uri(format!("{base}{path}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Full::new(Bytes::new())).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(150), client().request(request))
+        .await
+        .expect("homeserver answered in time")
+        .expect("request reached the homeserver");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let raw = response.into_body().collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&raw).unwrap_or(Value::Null);
+    Reply { status, headers, raw, json }
+}
