@@ -34,6 +34,18 @@ use crate::dispatch::Dispatcher;
 use crate::metrics::Metrics;
 use crate::server::{self, AppState};
 
+/// How often recorded metrics are folded in (bounds their memory between scrapes).
+const METRICS_UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A built, bound, not yet serving gateway.
 pub struct App {
     state: AppState,
@@ -101,6 +113,16 @@ impl App {
         for (listener, router) in self.listeners {
             servers.spawn(serve(listener, router, stop_rx.clone()));
         }
+        // Histogram samples are kept until upkeep folds them in: do it whether or not anybody
+        // scrapes `/metrics`, or an unscraped herald grows without bound.
+        let metrics = self.state.metrics.clone();
+        let upkeep = AbortOnDrop(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(METRICS_UPKEEP_EVERY);
+            loop {
+                tick.tick().await;
+                metrics.upkeep();
+            }
+        }));
         self.state.ready.store(true, Ordering::Release);
         info!(listen = ?self.addrs, admin = %self.admin_addr, "herald is serving");
 
@@ -126,6 +148,7 @@ impl App {
             // Each server task owns its connections' tasks, so aborting it drops them too.
             servers.abort_all();
         }
+        drop(upkeep);
         info!("stopped");
         Ok(())
     }

@@ -3,12 +3,24 @@
 //! Keyed by `(event_id, app_id, pushkey)`, hashed to 128 bits so an entry costs the same whatever
 //! the homeserver sends. Only final outcomes (delivered, rejected) are remembered, for
 //! `dedup.ttl` and at most `dedup.max_entries`; a failure is never cached, so the homeserver's
-//! retry sends again. Concurrent duplicates share one upstream send (moka coalesces the
-//! initialisers of one key). Notifications without an `event_id` (badge updates) never come here.
+//! retry sends again. Concurrent duplicates share one upstream send: the first caller sends,
+//! the others wait for its outcome (and send themselves if it was cancelled). Notifications
+//! without an `event_id` (badge updates) never come here.
+//!
+//! The store is a set-associative table of 24-byte entries (key, expiry and outcome), at most
+//! `max_entries` of them, so 200,000 remembered pushes cost 4.8 MB and nothing else: a full set
+//! replaces its entry that expires first. Sets are chosen by a hash seeded per process, so no
+//! one can aim keys at one set to push others' entries out. The lock is held only for a table
+//! lookup or insert, never across a send.
 
+use std::any::Any;
+use std::collections::HashMap;
 use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
-use moka::future::Cache;
+use tokio::sync::watch;
 
 use crate::config::DedupConfig;
 
@@ -47,16 +59,106 @@ pub enum Deduped<E> {
     Failed(E),
 }
 
+/// Entries per set: a full set replaces the entry that expires first.
+const WAYS: usize = 8;
+
+/// One remembered outcome: the key's two halves, then a stamp that is 0 for an empty slot,
+/// else the expiry (ms since the table's epoch, shifted left one bit) with the outcome in the
+/// low bit. A plain array, so a table of empty slots is one zeroed allocation (calloc): its
+/// pages count in RSS only once entries land in them.
+type Slot = [u64; 3];
+
+fn key_words(key: &DedupKey) -> [u64; 2] {
+    let (lo, hi) = key.0.split_at(8);
+    let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or_default());
+    [word(lo), word(hi)]
+}
+
+fn holds(slot: &Slot, key: [u64; 2]) -> bool {
+    slot[2] != 0 && slot[0] == key[0] && slot[1] == key[1]
+}
+
+fn expires_ms(slot: &Slot) -> u64 {
+    slot[2] >> 1
+}
+
+fn outcome(slot: &Slot) -> Final {
+    if slot[2] & 1 == 1 { Final::Rejected } else { Final::Delivered }
+}
+
+/// What concurrent duplicates wait on: the first caller's outcome, its error type erased.
+type Shared = Result<Final, Arc<dyn Any + Send + Sync>>;
+
+struct State {
+    slots: Vec<Slot>,
+    inflight: HashMap<DedupKey, watch::Receiver<Option<Shared>>, KeyHasher>,
+}
+
 #[derive(Clone)]
 pub struct Dedup {
-    cache: Cache<DedupKey, Final>,
+    state: Arc<Mutex<State>>,
+    sets: usize,
+    ttl_ms: u64,
+    epoch: Instant,
+    hasher: KeyHasher,
 }
 
 impl Dedup {
     pub fn new(config: &DedupConfig) -> Dedup {
-        let cache =
-            Cache::builder().max_capacity(config.max_entries).time_to_live(config.ttl).build();
-        Dedup { cache }
+        let sets = usize::try_from(config.max_entries).unwrap_or(usize::MAX).div_ceil(WAYS).max(1);
+        let hasher = KeyHasher::random();
+        Dedup {
+            // `vec!` of zeroes is one calloc: pages are touched (and counted in RSS) only as
+            // entries arrive.
+            state: Arc::new(Mutex::new(State {
+                slots: vec![[0u64; 3]; sets * WAYS],
+                inflight: HashMap::with_hasher(hasher.clone()),
+            })),
+            sets,
+            ttl_ms: u64::try_from(config.ttl.as_millis()).unwrap_or(u64::MAX >> 2).max(1),
+            epoch: Instant::now(),
+            hasher,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every critical section leaves the table consistent, so a poisoned lock is usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX >> 2)
+    }
+
+    fn set_of(&self, key: &DedupKey) -> std::ops::Range<usize> {
+        let set = (self.hasher.hash_one(key) % self.sets as u64) as usize;
+        set * WAYS..(set + 1) * WAYS
+    }
+
+    /// The remembered outcome of `key`, if it has not expired.
+    fn lookup(&self, state: &State, key: &DedupKey, now: u64) -> Option<Final> {
+        let words = key_words(key);
+        state.slots[self.set_of(key)]
+            .iter()
+            .find(|s| holds(s, words))
+            .filter(|s| expires_ms(s) > now)
+            .map(outcome)
+    }
+
+    fn remember(&self, state: &mut State, key: &DedupKey, outcome: Final, now: u64) {
+        let words = key_words(key);
+        let set = &mut state.slots[self.set_of(key)];
+        // The same key, else an empty or expired slot, else the one that expires first.
+        let slot = match set.iter().position(|s| holds(s, words)) {
+            Some(i) => i,
+            None => set
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, s)| if s[2] == 0 || expires_ms(s) <= now { 0 } else { s[2] })
+                .map_or(0, |(i, _)| i),
+        };
+        let expires = now.saturating_add(self.ttl_ms).min(u64::MAX >> 2);
+        set[slot] = [words[0], words[1], (expires << 1) | u64::from(outcome == Final::Rejected)];
     }
 
     /// Runs `send` unless `key` already has a final outcome or is being sent right now.
@@ -65,19 +167,142 @@ impl Dedup {
         F: Future<Output = Result<Final, E>>,
         E: Clone + Send + Sync + 'static,
     {
-        match self.cache.entry(key).or_try_insert_with(send).await {
-            Ok(entry) if entry.is_fresh() => Deduped::Sent(entry.into_value()),
-            Ok(entry) => Deduped::Known(entry.into_value()),
-            Err(e) => Deduped::Failed((*e).clone()),
+        let tx = loop {
+            let waiting = {
+                let mut state = self.lock();
+                if let Some(known) = self.lookup(&state, &key, self.now_ms()) {
+                    return Deduped::Known(known);
+                }
+                match state.inflight.get(&key) {
+                    Some(rx) => rx.clone(),
+                    None => {
+                        // Nobody is sending this key: this caller does.
+                        let (tx, rx) = watch::channel(None);
+                        state.inflight.insert(key, rx);
+                        break tx;
+                    }
+                }
+            };
+            match wait(waiting).await {
+                Some(Ok(known)) => return Deduped::Known(known),
+                Some(Err(shared)) => {
+                    if let Some(e) = shared.downcast_ref::<E>() {
+                        return Deduped::Failed(e.clone());
+                    }
+                    // Another caller's error type: it failed, so this one sends itself.
+                }
+                // The sender was cancelled before it finished: try again (maybe as the sender).
+                None => {}
+            }
+        };
+        self.lead(key, tx, send).await
+    }
+
+    /// Sends as the one caller for `key`, then tells the waiting duplicates.
+    async fn lead<F, E>(
+        &self,
+        key: DedupKey,
+        tx: watch::Sender<Option<Shared>>,
+        send: F,
+    ) -> Deduped<E>
+    where
+        F: Future<Output = Result<Final, E>>,
+        E: Clone + Send + Sync + 'static,
+    {
+        // Dropped without finishing (the request was cancelled): clear the in-flight mark so a
+        // duplicate can send; the closed channel wakes the waiters.
+        let mut guard = InflightGuard { dedup: self, key, armed: true };
+        let result = send.await;
+        let mut state = self.lock();
+        state.inflight.remove(&key);
+        guard.armed = false;
+        match result {
+            Ok(outcome) => {
+                let now = self.now_ms();
+                self.remember(&mut state, &key, outcome, now);
+                drop(state);
+                tx.send_replace(Some(Ok(outcome)));
+                Deduped::Sent(outcome)
+            }
+            Err(e) => {
+                drop(state);
+                tx.send_replace(Some(Err(Arc::new(e.clone()))));
+                Deduped::Failed(e)
+            }
+        }
+    }
+
+    /// Folds nothing: kept for callers that settle the cache before measuring (the table has
+    /// no deferred work).
+    pub async fn run_pending_tasks(&self) {}
+}
+
+/// The first caller's outcome, or `None` when it was cancelled first.
+async fn wait(mut rx: watch::Receiver<Option<Shared>>) -> Option<Shared> {
+    loop {
+        if let Some(outcome) = rx.borrow_and_update().clone() {
+            return Some(outcome);
+        }
+        rx.changed().await.ok()?;
+    }
+}
+
+struct InflightGuard<'a> {
+    dedup: &'a Dedup,
+    key: DedupKey,
+    armed: bool,
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.dedup.lock().inflight.remove(&self.key);
         }
     }
 }
 
-impl Dedup {
-    /// Runs the cache's pending maintenance (evictions), which otherwise happens a little at a
-    /// time on later calls; benchmarks use it to start from a settled cache.
-    pub async fn run_pending_tasks(&self) {
-        self.cache.run_pending_tasks().await;
+/// Hashes a [`DedupKey`] (already uniform: SHA-256 output) with a per-process random seed, so
+/// which set a key lands in cannot be predicted from outside.
+#[derive(Clone)]
+struct KeyHasher {
+    seed: (u64, u64),
+}
+
+impl KeyHasher {
+    fn random() -> KeyHasher {
+        KeyHasher { seed: (rand::random(), rand::random()) }
+    }
+}
+
+impl BuildHasher for KeyHasher {
+    type Hasher = SeededHasher;
+
+    fn build_hasher(&self) -> SeededHasher {
+        SeededHasher { seed: self.seed, state: 0 }
+    }
+}
+
+struct SeededHasher {
+    seed: (u64, u64),
+    state: u64,
+}
+
+impl Hasher for SeededHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            // A folded 64×64→128 multiply with seeded operands mixes every input bit into the
+            // result; without the seed the output is unpredictable only up to the key's own
+            // unpredictability.
+            let x = u64::from_le_bytes(word) ^ self.seed.0 ^ self.state;
+            let m = u128::from(x) * u128::from(self.seed.1 | 1);
+            self.state = (m as u64) ^ ((m >> 64) as u64);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.state
     }
 }
 
@@ -130,5 +355,80 @@ mod tests {
             r,
             Deduped::Sent(Final::Rejected) | Deduped::Known(Final::Rejected)
         )));
+    }
+
+    #[tokio::test]
+    async fn outcomes_expire_after_the_ttl() {
+        let d = Dedup::new(&DedupConfig { ttl: Duration::from_millis(30), max_entries: 100 });
+        let k = DedupKey::new("$e", "app", "key");
+        let r: Deduped<String> = d.run(k, async { Ok(Final::Delivered) }).await;
+        assert_eq!(r, Deduped::Sent(Final::Delivered));
+        let r: Deduped<String> = d.run(k, async { Ok(Final::Rejected) }).await;
+        assert_eq!(r, Deduped::Known(Final::Delivered), "still remembered");
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let r: Deduped<String> = d.run(k, async { Ok(Final::Rejected) }).await;
+        assert_eq!(r, Deduped::Sent(Final::Rejected), "expired, so sent again");
+    }
+
+    #[tokio::test]
+    async fn the_table_holds_at_most_max_entries() {
+        let d = Dedup::new(&DedupConfig { ttl: Duration::from_secs(60), max_entries: 64 });
+        let key = |i: usize| DedupKey::new(&format!("$e{i}"), "app", "key");
+        for i in 0..1000 {
+            let r: Deduped<String> = d.run(key(i), async { Ok(Final::Delivered) }).await;
+            assert_eq!(r, Deduped::Sent(Final::Delivered));
+        }
+        let remembered = d.lock().slots.iter().filter(|s| s[2] != 0).count();
+        assert_eq!(remembered, 64, "every slot used, none beyond");
+        assert!(d.lock().inflight.is_empty());
+        // The newest key is always remembered: a full set replaces its oldest entry.
+        let r: Deduped<String> = d.run(key(999), async { Ok(Final::Rejected) }).await;
+        assert_eq!(r, Deduped::Known(Final::Delivered));
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_sender_lets_a_waiting_duplicate_send() {
+        let d = dedup();
+        let k = DedupKey::new("$e", "app", "key");
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+        let first = {
+            let d = d.clone();
+            tokio::spawn(async move {
+                let _: Deduped<String> = d
+                    .run(k, async {
+                        let _ = started_tx.send(());
+                        std::future::pending::<()>().await;
+                        Ok(Final::Delivered)
+                    })
+                    .await;
+            })
+        };
+        started_rx.await.unwrap();
+        let second = {
+            let d = d.clone();
+            tokio::spawn(async move { d.run::<_, String>(k, async { Ok(Final::Rejected) }).await })
+        };
+        tokio::task::yield_now().await;
+        first.abort();
+        let r = tokio::time::timeout(Duration::from_secs(5), second).await.unwrap().unwrap();
+        assert_eq!(r, Deduped::Sent(Final::Rejected), "the duplicate sent once the first was gone");
+    }
+
+    #[tokio::test]
+    async fn a_failure_reaches_concurrent_duplicates_and_is_not_remembered() {
+        let d = dedup();
+        let k = DedupKey::new("$e", "app", "key");
+        let one = || async {
+            d.run::<_, String>(k, async {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                Err("down".to_owned())
+            })
+            .await
+        };
+        let (a, b) = tokio::join!(one(), one());
+        assert_eq!(a, Deduped::Failed("down".into()));
+        assert_eq!(b, Deduped::Failed("down".into()));
+        let r: Deduped<String> = d.run(k, async { Ok(Final::Delivered) }).await;
+        assert_eq!(r, Deduped::Sent(Final::Delivered));
     }
 }

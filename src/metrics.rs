@@ -77,6 +77,12 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every series.
+    /// Folds recorded histogram samples into their summaries. Samples pile up in memory until
+    /// this runs, so it must run periodically even when nobody scrapes `/metrics`.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
     pub fn render(&self) -> String {
         self.handle.run_upkeep();
         self.handle.render()
