@@ -34,8 +34,9 @@ use crate::dispatch::Dispatcher;
 use crate::metrics::Metrics;
 use crate::server::{self, AppState};
 
-/// How often recorded metrics are folded in (bounds their memory between scrapes).
-const METRICS_UPKEEP_EVERY: Duration = Duration::from_secs(5);
+/// How often recorded metrics are folded in. Histogram samples are buffered raw until then
+/// (8 bytes each, two per request): at 30,000 requests/s, every second is about 0.5 MB.
+const METRICS_UPKEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// Aborts a background task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
