@@ -389,6 +389,35 @@ fn event_ids(pushes: &[Push]) -> Vec<Option<&str>> {
     pushes.iter().map(|p| p.event_id.as_deref()).collect()
 }
 
+/// A fresh homeserver with `alice` and then `bob` registered on it.
+async fn alice_and_bob() -> (TestHomeserver, User, User) {
+    let hs = TestHomeserver::start().await;
+    let alice = hs.register("alice").await;
+    let bob = hs.register("bob").await;
+    (hs, alice, bob)
+}
+
+/// Gives `user` a default pusher for `device(n)` of `p` whose gateway URL is `url`; returns
+/// that device.
+async fn pushing_to(user: &User, p: &Provider, n: u8, url: &str) -> Device {
+    let device = p.device(n);
+    set_pusher(user, p, &device, url, json!({})).await;
+    device
+}
+
+/// Alice and Bob in a DM on a fresh homeserver; Bob's phone (`device(n)` of `p`) has a pusher
+/// whose gateway URL is `url`.
+async fn dm_with_bob_pushing_to(
+    p: &Provider,
+    n: u8,
+    url: &str,
+) -> (TestHomeserver, User, User, String, Device) {
+    let (hs, alice, bob) = alice_and_bob().await;
+    let dm = room_with(&alice, &[&bob], None).await;
+    let bob_phone = pushing_to(&bob, p, n, url).await;
+    (hs, alice, bob, dm, bob_phone)
+}
+
 // ---------------------------------------------------------------------------------------------
 // 1. A message reaches the recipient's phone, once, with the right payload and priority.
 // ---------------------------------------------------------------------------------------------
@@ -396,14 +425,11 @@ fn event_ids(pushes: &[Push]) -> Vec<Option<&str>> {
 #[tokio::test]
 async fn apns_message_pushes_once_to_the_recipient_with_ids_name_badge_and_sound() {
     let p = Provider::apns(Settings::default()).await;
-    let hs = TestHomeserver::start().await;
-    let alice = hs.register("alice").await;
-    let bob = hs.register("bob").await;
+    let (_hs, alice, bob) = alice_and_bob().await;
     set_displayname(&alice, "Alice").await;
     let dm = room_with(&alice, &[&bob], None).await;
-    let (alice_phone, bob_phone) = (p.device(1), p.device(2));
-    set_pusher(&alice, &p, &alice_phone, &p.notify_url(), json!({})).await;
-    set_pusher(&bob, &p, &bob_phone, &p.notify_url(), json!({})).await;
+    let alice_phone = pushing_to(&alice, &p, 1, &p.notify_url()).await;
+    let bob_phone = pushing_to(&bob, &p, 2, &p.notify_url()).await;
 
     let event = alice.send_text(&dm, "hello there").await;
     let pushes = p.wait_for(&bob_phone, 1).await;
@@ -437,14 +463,11 @@ async fn apns_message_pushes_once_to_the_recipient_with_ids_name_badge_and_sound
 #[tokio::test]
 async fn apns_mention_is_high_priority_and_a_plain_group_message_is_not() {
     let p = Provider::apns(Settings::default()).await;
-    let hs = TestHomeserver::start().await;
-    let alice = hs.register("alice").await;
-    let bob = hs.register("bob").await;
+    let (hs, alice, bob) = alice_and_bob().await;
     let carol = hs.register("carol").await;
     set_displayname(&alice, "Alice").await;
     let group = room_with(&alice, &[&bob, &carol], Some("Lunch")).await;
-    let bob_phone = p.device(3);
-    set_pusher(&bob, &p, &bob_phone, &p.notify_url(), json!({})).await;
+    let bob_phone = pushing_to(&bob, &p, 3, &p.notify_url()).await;
 
     let plain = alice.send_text(&group, "pizza?").await;
     let pushes = p.wait_for(&bob_phone, 1).await;
@@ -475,15 +498,12 @@ async fn apns_mention_is_high_priority_and_a_plain_group_message_is_not() {
 #[tokio::test]
 async fn fcm_message_carries_ids_name_unread_and_priority_then_a_receipt_clears_it() {
     let p = Provider::fcm(Settings::default()).await;
-    let hs = TestHomeserver::start().await;
-    let alice = hs.register("alice").await;
-    let bob = hs.register("bob").await;
+    let (hs, alice, bob) = alice_and_bob().await;
     let carol = hs.register("carol").await;
     set_displayname(&alice, "Alice").await;
     let dm = room_with(&alice, &[&bob], None).await;
     let group = room_with(&alice, &[&bob, &carol], Some("Lunch")).await;
-    let bob_phone = p.device(1);
-    set_pusher(&bob, &p, &bob_phone, &p.notify_url(), json!({})).await;
+    let bob_phone = pushing_to(&bob, &p, 1, &p.notify_url()).await;
 
     let first = alice.send_text(&dm, "hello there").await;
     let pushes = p.wait_for(&bob_phone, 1).await;
@@ -546,16 +566,13 @@ fn assert_badge_clear(push: &Push) {
 #[tokio::test]
 async fn notices_and_muted_rooms_do_not_push_while_other_rooms_do() {
     let p = Provider::apns(Settings::default()).await;
-    let hs = TestHomeserver::start().await;
-    let alice = hs.register("alice").await;
-    let bob = hs.register("bob").await;
+    let (_hs, alice, bob) = alice_and_bob().await;
     let open = room_with(&alice, &[&bob], None).await;
     let muted = room_with(&alice, &[&bob], None).await;
     let mute = format!("/pushrules/global/room/{}", esc(&muted));
     let reply = bob.put(&mute, &json!({"actions": []})).await;
     assert_eq!(reply.status, 200, "mute: {}", reply.json);
-    let bob_phone = p.device(4);
-    set_pusher(&bob, &p, &bob_phone, &p.notify_url(), json!({})).await;
+    let bob_phone = pushing_to(&bob, &p, 4, &p.notify_url()).await;
 
     alice
         .send(&open, "m.room.message", json!({"msgtype": "m.notice", "body": "bot says hi"}))
@@ -581,12 +598,7 @@ async fn notices_and_muted_rooms_do_not_push_while_other_rooms_do() {
 #[tokio::test]
 async fn read_receipt_sends_a_badge_only_update_of_zero() {
     let p = Provider::apns(Settings::default()).await;
-    let hs = TestHomeserver::start().await;
-    let alice = hs.register("alice").await;
-    let bob = hs.register("bob").await;
-    let dm = room_with(&alice, &[&bob], None).await;
-    let bob_phone = p.device(5);
-    set_pusher(&bob, &p, &bob_phone, &p.notify_url(), json!({})).await;
+    let (_hs, alice, bob, dm, bob_phone) = dm_with_bob_pushing_to(&p, 5, &p.notify_url()).await;
 
     let first = alice.send_text(&dm, "one").await;
     let second = alice.send_text(&dm, "two").await;
@@ -613,13 +625,10 @@ async fn read_receipt_sends_a_badge_only_update_of_zero() {
 #[tokio::test]
 async fn receipt_while_a_badge_update_is_in_flight_still_clears_the_badge() {
     let p = Provider::apns(Settings::default()).await;
-    let hs = TestHomeserver::start().await;
-    let alice = hs.register("alice").await;
-    let bob = hs.register("bob").await;
+    let (_hs, alice, bob) = alice_and_bob().await;
     let first_room = room_with(&alice, &[&bob], None).await;
     let second_room = room_with(&alice, &[&bob], None).await;
-    let bob_phone = p.device(11);
-    set_pusher(&bob, &p, &bob_phone, &p.notify_url(), json!({})).await;
+    let bob_phone = pushing_to(&bob, &p, 11, &p.notify_url()).await;
     let one = alice.send_text(&first_room, "one").await;
     let two = alice.send_text(&second_room, "two").await;
     p.wait_for(&bob_phone, 2).await;
@@ -648,14 +657,11 @@ async fn receipt_while_a_badge_update_is_in_flight_still_clears_the_badge() {
 // ---------------------------------------------------------------------------------------------
 
 async fn rejected_pushkey_removes_the_pusher(p: Provider) {
-    let hs = TestHomeserver::start().await;
-    let alice = hs.register("alice").await;
-    let bob = hs.register("bob").await;
+    let (hs, alice, bob) = alice_and_bob().await;
     let carol = hs.register("carol").await;
     let room = room_with(&alice, &[&bob, &carol], None).await;
-    let (bob_phone, carol_phone) = (p.device(6), p.device(7));
-    set_pusher(&bob, &p, &bob_phone, &p.notify_url(), json!({})).await;
-    set_pusher(&carol, &p, &carol_phone, &p.notify_url(), json!({})).await;
+    let bob_phone = pushing_to(&bob, &p, 6, &p.notify_url()).await;
+    let carol_phone = pushing_to(&carol, &p, 7, &p.notify_url()).await;
     assert_eq!(pushers(&bob).await.len(), 1);
     p.reject(&bob_phone);
 
@@ -703,12 +709,7 @@ const FAILURES: usize = 3;
 
 async fn outage_backs_off_then_delivers_in_order_once(p: Provider) {
     let front = Front::start(p.notify_url(), true).await;
-    let hs = TestHomeserver::start().await;
-    let alice = hs.register("alice").await;
-    let bob = hs.register("bob").await;
-    let dm = room_with(&alice, &[&bob], None).await;
-    let bob_phone = p.device(8);
-    set_pusher(&bob, &p, &bob_phone, &front.url(), json!({})).await;
+    let (_hs, alice, _bob, dm, bob_phone) = dm_with_bob_pushing_to(&p, 8, &front.url()).await;
     // The gateway makes one upstream attempt per notify (`attempts: 1`), so every homeserver
     // attempt meets exactly one scripted failure.
     p.fail(&bob_phone, FAILURES);
@@ -844,8 +845,7 @@ async fn sigkilled_homeserver_delivers_every_queued_notification_and_to_device_a
     let alice = User::register(&first.base, "alice").await;
     let bob = User::register(&first.base, "bob").await;
     let dm = room_with(&alice, &[&bob], None).await;
-    let bob_phone = p.device(9);
-    set_pusher(&bob, &p, &bob_phone, &front.url(), json!({})).await;
+    let bob_phone = pushing_to(&bob, &p, 9, &front.url()).await;
 
     let mut sent = Vec::new();
     for body in ["one", "two", "three"] {
@@ -897,9 +897,7 @@ async fn sigkilled_homeserver_delivers_every_queued_notification_and_to_device_a
 async fn event_id_only_pusher_carries_no_message_content() {
     let p = Provider::apns(Settings::default()).await;
     let front = Front::start(p.notify_url(), true).await;
-    let hs = TestHomeserver::start().await;
-    let alice = hs.register("alice").await;
-    let bob = hs.register("bob").await;
+    let (_hs, alice, bob) = alice_and_bob().await;
     set_displayname(&alice, "Alice").await;
     let dm = room_with(&alice, &[&bob], Some("Secret Room")).await;
     let bob_phone = p.device(10);
@@ -928,22 +926,6 @@ async fn event_id_only_pusher_carries_no_message_content() {
 // ---------------------------------------------------------------------------------------------
 // 8. Regressions of the review fixes (79e219e).
 // ---------------------------------------------------------------------------------------------
-
-/// Alice and Bob in a DM on a fresh homeserver; Bob's phone (`device(n)` of `p`) has a pusher
-/// whose gateway URL is `url`.
-async fn dm_with_bob_pushing_to(
-    p: &Provider,
-    n: u8,
-    url: &str,
-) -> (TestHomeserver, User, User, String, Device) {
-    let hs = TestHomeserver::start().await;
-    let alice = hs.register("alice").await;
-    let bob = hs.register("bob").await;
-    let dm = room_with(&alice, &[&bob], None).await;
-    let bob_phone = p.device(n);
-    set_pusher(&bob, p, &bob_phone, url, json!({})).await;
-    (hs, alice, bob, dm, bob_phone)
-}
 
 /// `(event id, status)` of each attempt at the front.
 fn tries(front: &Front) -> Vec<(Option<String>, u16)> {
@@ -1015,13 +997,10 @@ async fn sending_a_message_clears_the_senders_badge() {
 #[tokio::test]
 async fn leaving_a_room_with_unread_notifications_updates_the_badge() {
     let p = Provider::apns(Settings::default()).await;
-    let hs = TestHomeserver::start().await;
-    let alice = hs.register("alice").await;
-    let bob = hs.register("bob").await;
+    let (_hs, alice, bob) = alice_and_bob().await;
     let left = room_with(&alice, &[&bob], None).await;
     let kept = room_with(&alice, &[&bob], None).await;
-    let bob_phone = p.device(15);
-    set_pusher(&bob, &p, &bob_phone, &p.notify_url(), json!({})).await;
+    let bob_phone = pushing_to(&bob, &p, 15, &p.notify_url()).await;
     let one = alice.send_text(&left, "one").await;
     let two = alice.send_text(&kept, "two").await;
     let pushes = p.wait_for(&bob_phone, 2).await;
