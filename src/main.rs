@@ -133,32 +133,28 @@ struct EvaluateArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::PushRules(PushRulesCommand::Evaluate(args))) = &cli.command {
-        return match evaluate_push_rules(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("herald: {e:#}");
-                ExitCode::from(EX_CONFIG)
-            }
-        };
-    }
-    if let Some(Command::Homeserver(args)) = &cli.command {
-        return run_homeserver(args);
-    }
-    if let Some(Command::Demo { no_color }) = &cli.command {
-        use herald::demo::{ColorChoice, Options};
-        let color = if *no_color { ColorChoice::Never } else { ColorChoice::Auto };
-        let result = tokio::runtime::Runtime::new()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(herald::demo::run(Options { color })));
-        return match result {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("herald demo: {e:#}");
-                ExitCode::FAILURE
-            }
-        };
-    }
+    // Commands that need no gateway config run here; the rest continue as a `GatewayCommand`.
+    let command = match cli
+        .command
+        .unwrap_or(Command::Serve { listen: Vec::new(), admin_listen: None })
+    {
+        Command::PushRules(PushRulesCommand::Evaluate(args)) => {
+            return match evaluate_push_rules(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("herald: {e:#}");
+                    ExitCode::from(EX_CONFIG)
+                }
+            };
+        }
+        Command::Homeserver(args) => return run_homeserver(&args),
+        Command::Demo { no_color } => return run_demo(no_color),
+        Command::Serve { listen, admin_listen } => GatewayCommand::Serve { listen, admin_listen },
+        Command::CheckConfig => GatewayCommand::CheckConfig,
+        Command::Send { app_id, pushkey, body, event_id_only } => {
+            GatewayCommand::Send { app_id, pushkey, body, event_id_only }
+        }
+    };
     let mut config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -166,8 +162,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
-    let command = cli.command.unwrap_or(Command::Serve { listen: Vec::new(), admin_listen: None });
-    if let Command::Serve { listen, admin_listen } = &command {
+    if let GatewayCommand::Serve { listen, admin_listen } = &command {
         let listen = if listen.is_empty() { config.listen.clone() } else { listen.clone() };
         let admin = admin_listen.or(config.admin_listen);
         config.set_listen(listen, admin);
@@ -184,13 +179,13 @@ fn main() -> ExitCode {
     // configuration error (exit 64) for every command, `check-config` included.
     let build = || runtime.block_on(async { Dispatcher::new(&config, Arc::new(Metrics::new())) });
     let result = match command {
-        Command::CheckConfig => build()
+        GatewayCommand::CheckConfig => build()
             .map(|_| {
                 println!("{}: OK ({} apps)", cli.config.display(), config.apps.len());
                 ExitCode::SUCCESS
             })
             .map_err(anyhow::Error::from),
-        Command::Send { app_id, pushkey, body, event_id_only } => match build() {
+        GatewayCommand::Send { app_id, pushkey, body, event_id_only } => match build() {
             Err(e) => Err(e.into()),
             Ok(dispatcher) => {
                 init_tracing(&config);
@@ -204,10 +199,7 @@ fn main() -> ExitCode {
                 ))
             }
         },
-        Command::PushRules(_) | Command::Homeserver(_) | Command::Demo { .. } => {
-            unreachable!("handled before the config is loaded")
-        }
-        Command::Serve { .. } => {
+        GatewayCommand::Serve { .. } => {
             init_tracing(&config);
             runtime.block_on(serve(config)).map(|()| ExitCode::SUCCESS)
         }
@@ -220,6 +212,29 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("herald: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The commands that run on the gateway config.
+enum GatewayCommand {
+    Serve { listen: Vec<SocketAddr>, admin_listen: Option<SocketAddr> },
+    CheckConfig,
+    Send { app_id: String, pushkey: String, body: String, event_id_only: bool },
+}
+
+/// `herald demo`: exit 0 when every expected push arrived, else 1 with the step named.
+fn run_demo(no_color: bool) -> ExitCode {
+    use herald::demo::{ColorChoice, Options};
+    let color = if no_color { ColorChoice::Never } else { ColorChoice::Auto };
+    let result = tokio::runtime::Runtime::new()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(herald::demo::run(Options { color })));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herald demo: {e:#}");
             ExitCode::FAILURE
         }
     }
