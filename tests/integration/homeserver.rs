@@ -1812,3 +1812,12 @@ async fn logging_in_again_as_a_device_invalidates_its_older_token() {
     assert_eq!(whoami.json["device_id"], alice.device_id);
     assert_ok(&phone.get("/account/whoami").await);
 }
+
+#[tokio::test]
+async fn a_malformed_path_parameter_is_a_matrix_error() {
+    let (_server, [alice, _bob]) = users(["alice", "bob"]).await;
+    // %FF does not decode to UTF-8: axum's own rejection would be plain text.
+    let reply = alice.get("/rooms/%FF/state").await;
+    assert_error(&reply, 400, "M_INVALID_PARAM");
+    assert!(reply.json["error"].as_str().unwrap().contains("path"), "{}", reply.json);
+}

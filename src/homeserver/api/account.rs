@@ -7,7 +7,7 @@
 use std::num::NonZeroU32;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD_NO_PAD as B64;
@@ -15,7 +15,7 @@ use ring::pbkdf2;
 use serde_json::{Value, json};
 
 use super::error::{ApiResult, MatrixError};
-use super::{Auth, JsonObject, required_str};
+use super::{Auth, JsonObject, Path, required_str};
 use crate::homeserver::{Homeserver, random_id, rooms, store};
 
 const PBKDF2_ROUNDS: u32 = 10_000;

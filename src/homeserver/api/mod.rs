@@ -204,6 +204,28 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
     }
 }
 
+/// Path parameters, like axum's `Path`, but a malformed path (bad percent-encoding, not UTF-8)
+/// is a Matrix JSON error rather than axum's plain-text 400.
+pub struct Path<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Path<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = MatrixError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, MatrixError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(Path(value)),
+            Err(rejection) => Err(MatrixError::invalid_param(format!(
+                "malformed path parameter: {}",
+                rejection.body_text()
+            ))),
+        }
+    }
+}
+
 /// Decodes `%XX` escapes (and `+` as a space) of a query value.
 pub fn percent_decode(value: &str) -> String {
     let bytes = value.as_bytes();

@@ -4,12 +4,12 @@
 //! `m.push_rules` in `/sync`.
 
 use axum::Json;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 
 use super::error::{ApiResult, MatrixError};
-use super::{Auth, JsonObject, query_param};
+use super::{Auth, JsonObject, Path, query_param};
 use crate::homeserver::pusher::{Pusher, PusherChange, PusherError, PusherSet};
 use crate::homeserver::pushrules::edit::{self, EditError, NewRule};
 use crate::homeserver::pushrules::{Action, PushRule, RuleKind, Ruleset};

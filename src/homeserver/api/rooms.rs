@@ -2,11 +2,11 @@
 //! Thin: each handler checks the request's shape and calls `homeserver::rooms`.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use serde_json::{Value, json};
 
 use super::error::{ApiResult, MatrixError};
-use super::{Auth, JsonObject, required_str};
+use super::{Auth, JsonObject, Path, required_str};
 use crate::homeserver::{Homeserver, rooms, store};
 
 pub async fn create_room(

@@ -3,11 +3,11 @@
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use serde_json::{Value, json};
 
 use super::error::{ApiResult, MatrixError};
-use super::{Auth, JsonObject, query_param};
+use super::{Auth, JsonObject, Path, query_param};
 use crate::homeserver::sync::{SyncToken, sync_once};
 use crate::homeserver::{Homeserver, to_device};
 
