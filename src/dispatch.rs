@@ -90,7 +90,7 @@ impl Dispatcher {
         let mut globs = Vec::new();
         for app in &config.apps {
             let provider = Provider::build(app, config.proxy.as_ref(), &metrics)?;
-            let labels = AppLabels { app: app.pattern.as_str().into(), provider: provider.name() };
+            let labels = metrics.app_labels(&app.pattern, provider.name());
             let entry = Arc::new(App { provider, labels });
             if app.pattern.contains(['*', '?']) {
                 globs.push((WildMatch::new(&app.pattern), entry));
@@ -98,6 +98,7 @@ impl Dispatcher {
                 exact.insert(app.pattern.clone(), entry);
             }
         }
+        let unmatched = metrics.app_labels("(unmatched)", "none");
         Ok(Dispatcher {
             exact,
             globs,
@@ -105,7 +106,7 @@ impl Dispatcher {
             retry: config.retry,
             upstream_timeout: config.upstream_timeout,
             metrics,
-            unmatched: AppLabels { app: "(unmatched)".into(), provider: "none" },
+            unmatched,
         })
     }
 

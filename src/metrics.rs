@@ -7,7 +7,11 @@
 
 use std::time::Duration;
 
-use metrics::{Counter, Gauge, Key, Label, Level, Metadata, Recorder, SharedString, Unit};
+use std::sync::Arc;
+
+use metrics::{
+    Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, SharedString, Unit,
+};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 use crate::providers::AppLabels;
@@ -33,6 +37,17 @@ pub struct Metrics {
     devices: Counter,
     dedup_hits: Counter,
     inflight: Gauge,
+    /// `herald_notify_duration_seconds{status="200"}`, the common case.
+    notify_ok: Histogram,
+}
+
+/// One app's hot series, registered once: outcomes, `200` answers, attempt latency.
+pub struct AppHandles {
+    delivered: Counter,
+    rejected: Counter,
+    failed: Counter,
+    upstream_200: Counter,
+    upstream_duration: Histogram,
 }
 
 impl Metrics {
@@ -73,7 +88,61 @@ impl Metrics {
         let dedup_hits = recorder.register_counter(&Key::from_static_name(DEDUP_HITS), &METADATA);
         let inflight =
             recorder.register_gauge(&Key::from_static_name(INFLIGHT_REQUESTS), &METADATA);
-        Metrics { recorder, handle, notifications, devices, dedup_hits, inflight }
+        let notify_ok = recorder.register_histogram(
+            &Key::from_parts(NOTIFY_DURATION, vec![Label::from_static_parts("status", "200")]),
+            &METADATA,
+        );
+        Metrics { recorder, handle, notifications, devices, dedup_hits, inflight, notify_ok }
+    }
+
+    /// The labels of one app, with its hot series registered up front.
+    pub fn app_labels(&self, app: &str, provider: &'static str) -> AppLabels {
+        let base = AppLabels {
+            app: app.into(),
+            provider,
+            handles: Arc::new(AppHandles {
+                delivered: Counter::noop(),
+                rejected: Counter::noop(),
+                failed: Counter::noop(),
+                upstream_200: Counter::noop(),
+                upstream_duration: Histogram::noop(),
+            }),
+        };
+        let outcome = |outcome: &'static str| {
+            let labels = app_labels(&base).chain([Label::from_static_parts("outcome", outcome)]);
+            self.recorder.register_counter(
+                &Key::from_parts(DEVICE_OUTCOMES, labels.collect::<Vec<_>>()),
+                &METADATA,
+            )
+        };
+        let handles = AppHandles {
+            delivered: outcome("delivered"),
+            rejected: outcome("rejected"),
+            failed: outcome("failed"),
+            // Only adapters that call an upstream get upstream series.
+            upstream_200: if matches!(provider, "apns" | "fcm") {
+                self.recorder.register_counter(
+                    &Key::from_parts(
+                        UPSTREAM_RESPONSES,
+                        app_labels(&base)
+                            .chain([Label::from_static_parts("status", "200")])
+                            .collect::<Vec<_>>(),
+                    ),
+                    &METADATA,
+                )
+            } else {
+                Counter::noop()
+            },
+            upstream_duration: if matches!(provider, "apns" | "fcm") {
+                self.recorder.register_histogram(
+                    &Key::from_parts(UPSTREAM_DURATION, app_labels(&base).collect::<Vec<_>>()),
+                    &METADATA,
+                )
+            } else {
+                Histogram::noop()
+            },
+        };
+        AppLabels { handles: Arc::new(handles), ..base }
     }
 
     /// The Prometheus text exposition of every series.
@@ -103,6 +172,12 @@ impl Metrics {
 
     /// A device's final outcome: `delivered`, `rejected` or `failed`.
     pub fn device_outcome(&self, app: &AppLabels, outcome: &'static str) {
+        match outcome {
+            "delivered" => return app.handles.delivered.increment(1),
+            "rejected" => return app.handles.rejected.increment(1),
+            "failed" => return app.handles.failed.increment(1),
+            _ => {}
+        }
         let labels = app_labels(app).chain([Label::from_static_parts("outcome", outcome)]);
         self.recorder
             .register_counter(
@@ -114,15 +189,15 @@ impl Metrics {
 
     /// One upstream attempt's answer (`200`, `410`, … or `error`/`timeout`) and its latency.
     pub fn upstream(&self, app: &AppLabels, status: &str, elapsed: Duration) {
+        app.handles.upstream_duration.record(elapsed.as_secs_f64());
+        if status == "200" {
+            return app.handles.upstream_200.increment(1);
+        }
         let status = Label::new("status", status.to_owned());
         let counter_labels: Vec<_> = app_labels(app).chain([status]).collect();
         self.recorder
             .register_counter(&Key::from_parts(UPSTREAM_RESPONSES, counter_labels), &METADATA)
             .increment(1);
-        let hist_labels: Vec<_> = app_labels(app).collect();
-        self.recorder
-            .register_histogram(&Key::from_parts(UPSTREAM_DURATION, hist_labels), &METADATA)
-            .record(elapsed.as_secs_f64());
     }
 
     /// Another attempt is about to be made for one device.
@@ -135,6 +210,9 @@ impl Metrics {
 
     /// A notify request answered with `status` after `elapsed`.
     pub fn notify_answered(&self, status: u16, elapsed: Duration) {
+        if status == 200 {
+            return self.notify_ok.record(elapsed.as_secs_f64());
+        }
         let labels = vec![Label::new("status", status.to_string())];
         self.recorder
             .register_histogram(&Key::from_parts(NOTIFY_DURATION, labels), &METADATA)
@@ -160,7 +238,7 @@ mod tests {
     #[test]
     fn renders_counters_with_labels() {
         let m = Metrics::new();
-        let app = AppLabels { app: "im.example.ios".into(), provider: "apns" };
+        let app = m.app_labels("im.example.ios", "apns");
         m.notification_received(2);
         m.device_outcome(&app, "delivered");
         m.upstream(&app, "200", Duration::from_millis(3));

@@ -62,11 +62,22 @@ pub enum Provider {
     Log(log::LogProvider),
 }
 
-/// Labels every upstream metric of one app carries.
-#[derive(Debug, Clone)]
+/// Labels every upstream metric of one app carries, with the app's most used series already
+/// registered (see [`Metrics::app_labels`]), so the hot path records without a registry lookup.
+#[derive(Clone)]
 pub struct AppLabels {
     pub app: Arc<str>,
     pub provider: &'static str,
+    pub(crate) handles: Arc<crate::metrics::AppHandles>,
+}
+
+impl std::fmt::Debug for AppLabels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppLabels")
+            .field("app", &self.app)
+            .field("provider", &self.provider)
+            .finish()
+    }
 }
 
 /// Why an adapter could not be built (bad TLS material and the like).
@@ -84,7 +95,7 @@ impl Provider {
         metrics: &Arc<Metrics>,
     ) -> Result<Provider, BuildError> {
         let err = |message: String| BuildError { app: app.pattern.clone(), message };
-        let labels = |provider| AppLabels { app: app.pattern.as_str().into(), provider };
+        let labels = |provider| metrics.app_labels(&app.pattern, provider);
         Ok(match &app.kind {
             AppKind::Apns(c) => Provider::Apns(
                 apns::Apns::new(c, proxy, labels("apns"), metrics.clone()).map_err(err)?,
