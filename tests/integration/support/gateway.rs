@@ -282,10 +282,20 @@ pub async fn send(
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body)))
         .unwrap();
-    let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
+    exchange(client, request, Duration::from_secs(30)).await
+}
+
+/// Sends `request` and reads the whole answer (JSON parsed when it is JSON), failing the test
+/// when no answer comes within `timeout`.
+pub async fn exchange(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    request: Request<Full<Bytes>>,
+    timeout: Duration,
+) -> Reply {
+    let response = tokio::time::timeout(timeout, client.request(request))
         .await
-        .expect("gateway answered within 30s")
-        .expect("request reached the gateway");
+        .expect("the server answered in time")
+        .expect("the request reached the server");
     let status = response.status();
     let headers = response.headers().clone();
     let raw = response.into_body().collect().await.unwrap().to_bytes();

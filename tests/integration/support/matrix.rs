@@ -8,14 +8,17 @@ use std::time::Duration;
 use bytes::Bytes;
 use herald::homeserver::{Homeserver, HomeserverConfig};
 use http::{Method, Request};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use super::gateway::{Reply, client};
+use super::gateway::{Reply, client, exchange};
+
+/// Longer than the longest long-poll a test makes.
+const ANSWER_WITHIN: Duration = Duration::from_secs(150);
 
 pub const SERVER_NAME: &str = "test.local";
 
@@ -262,15 +265,7 @@ async fn raw_bytes(
         request = request.header("authorization", format!("Bearer {token}"));
     }
     let request = request.body(Full::new(Bytes::from(bytes))).unwrap();
-    let response = tokio::time::timeout(Duration::from_secs(150), client.request(request))
-        .await
-        .expect("homeserver answered in time")
-        .expect("request reached the homeserver");
-    let status = response.status();
-    let headers = response.headers().clone();
-    let raw = response.into_body().collect().await.unwrap().to_bytes();
-    let json = serde_json::from_slice(&raw).unwrap_or(Value::Null);
-    Reply { status, headers, raw, json }
+    exchange(client, request, ANSWER_WITHIN).await
 }
 
 /// A request to `{base}{path}` with no body, no token and exactly the given extra headers (for
@@ -286,13 +281,5 @@ pub async fn request_with_headers(
         request = request.header(*name, *value);
     }
     let request = request.body(Full::new(Bytes::new())).unwrap();
-    let response = tokio::time::timeout(Duration::from_secs(150), client().request(request))
-        .await
-        .expect("homeserver answered in time")
-        .expect("request reached the homeserver");
-    let status = response.status();
-    let headers = response.headers().clone();
-    let raw = response.into_body().collect().await.unwrap().to_bytes();
-    let json = serde_json::from_slice(&raw).unwrap_or(Value::Null);
-    Reply { status, headers, raw, json }
+    exchange(&client(), request, ANSWER_WITHIN).await
 }
