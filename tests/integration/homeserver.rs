@@ -909,9 +909,7 @@ async fn a_mention_by_display_name_highlights() {
 #[tokio::test]
 async fn a_mention_in_m_mentions_highlights() {
     let (_server, alice, bob, room) = robert_room().await;
-    let mention = json!({"msgtype": "m.text", "body": "lunch?",
-                         "m.mentions": {"user_ids": [bob.user_id]}});
-    alice.send(&room, "m.room.message", mention).await;
+    alice.send_mention(&room, &bob.user_id, "lunch?").await;
     assert_eq!(unread(&bob, &room).await, (1, 1));
 }
 
@@ -1042,9 +1040,7 @@ async fn notifications_are_newest_first_and_paginate() {
 #[tokio::test]
 async fn notifications_only_highlight_lists_mentions() {
     let (_server, alice, bob, room, sent) = notified_room(2).await;
-    let mention = json!({"msgtype": "m.text", "body": "ping",
-                         "m.mentions": {"user_ids": [bob.user_id]}});
-    let highlighted = alice.send(&room, "m.room.message", mention).await;
+    let highlighted = alice.send_mention(&room, &bob.user_id, "ping").await;
     alice.send_text(&room, "after").await;
     let page = notifications(&bob, "?only=highlight").await;
     assert_eq!(notified_ids(&page), [highlighted]);

@@ -478,14 +478,7 @@ async fn apns_mention_is_high_priority_and_a_plain_group_message_is_not() {
     assert!(push.body["aps"].get("sound").is_none(), "{}", push.body);
     assert_eq!(p.unread(push), Some(unread_total(&bob).await));
 
-    let mention = alice
-        .send(
-            &group,
-            "m.room.message",
-            json!({"msgtype": "m.text", "body": "you there?",
-                   "m.mentions": {"user_ids": [bob.user_id]}}),
-        )
-        .await;
+    let mention = alice.send_mention(&group, &bob.user_id, "you there?").await;
     let pushes = p.wait_for(&bob_phone, 2).await;
     let push = &pushes[1];
     assert_eq!(push.event_id.as_deref(), Some(mention.as_str()));
@@ -531,14 +524,7 @@ async fn fcm_message_carries_ids_name_unread_and_priority_then_a_receipt_clears_
     assert!(!pushes[2].high, "android.priority NORMAL: {}", pushes[2].body);
     assert_eq!(p.unread(&pushes[2]), Some(1));
 
-    let mention = alice
-        .send(
-            &group,
-            "m.room.message",
-            json!({"msgtype": "m.text", "body": "you there?",
-                   "m.mentions": {"user_ids": [bob.user_id]}}),
-        )
-        .await;
+    let mention = alice.send_mention(&group, &bob.user_id, "you there?").await;
     let pushes = p.wait_for(&bob_phone, 4).await;
     assert_eq!(pushes[3].event_id.as_deref(), Some(mention.as_str()));
     assert!(pushes[3].high, "{}", pushes[3].body);

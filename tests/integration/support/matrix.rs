@@ -171,6 +171,13 @@ impl User {
         reply.json["event_id"].as_str().unwrap().to_owned()
     }
 
+    /// A text message that mentions `user_id` in `m.mentions`.
+    pub async fn send_mention(&self, room_id: &str, user_id: &str, body: &str) -> String {
+        let content =
+            json!({"msgtype": "m.text", "body": body, "m.mentions": {"user_ids": [user_id]}});
+        self.send(room_id, "m.room.message", content).await
+    }
+
     pub async fn send_text(&self, room_id: &str, body: &str) -> String {
         self.send(room_id, "m.room.message", json!({"msgtype": "m.text", "body": body})).await
     }
