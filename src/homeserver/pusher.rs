@@ -677,10 +677,17 @@ pub enum SendError {
 }
 
 impl SendError {
-    /// Whether retrying later may succeed: everything but [`SendError::InvalidUrl`]. (The spec
-    /// has the homeserver retry on every HTTP error, with backoff.)
+    /// Whether sending the same request again may succeed: not for a bad URL, nor for a 4xx
+    /// other than 408 (timeout) and 429 (rate limit), where the gateway refused this very
+    /// request; everything else (5xx, transport errors, timeouts, unusable answers) is retried.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, SendError::InvalidUrl)
+        match self {
+            SendError::InvalidUrl => false,
+            SendError::Status { status, .. } => {
+                !status.is_client_error() || matches!(status.as_u16(), 408 | 429)
+            }
+            _ => true,
+        }
     }
 }
 

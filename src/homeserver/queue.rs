@@ -31,17 +31,12 @@ use super::{Homeserver, now_ms, store};
 /// The pusher tasks and the one HTTP client they share.
 pub struct Queues {
     client: GatewayClient,
-    backoff: Backoff,
     tasks: Mutex<HashMap<i64, JoinHandle<()>>>,
 }
 
 impl Queues {
     pub fn new(timeout: Duration) -> anyhow::Result<Queues> {
-        Ok(Queues {
-            client: GatewayClient::new(timeout)?,
-            backoff: Backoff::DEFAULT,
-            tasks: Mutex::default(),
-        })
+        Ok(Queues { client: GatewayClient::new(timeout)?, tasks: Mutex::default() })
     }
 
     /// Starts (or restarts) the task of pusher `id`.
@@ -108,7 +103,7 @@ async fn run(hs: Homeserver, id: i64) {
     let mut attempt: u32 = 0;
     loop {
         changes.borrow_and_update();
-        let job = match hs.db(move |hs, conn| next_job(hs, conn, id)).await {
+        let job = match hs.db(move |_, conn| next_job(conn, id)).await {
             Ok(job) => job,
             Err(_) => {
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -143,7 +138,7 @@ async fn run(hs: Homeserver, id: i64) {
                 debug!(pusher = id, ?item, "delivered to the gateway");
                 Advance::Done
             }
-            Err(err) if is_permanent(&err) => {
+            Err(err) if !err.is_retryable() => {
                 // Sending it again cannot help (the gateway refused this very request), and
                 // the queue is ordered: give up on it now rather than block the pusher a day.
                 warn!(pusher = id, error = %err, "the gateway refused a notification; skipping it");
@@ -161,9 +156,10 @@ async fn run(hs: Homeserver, id: i64) {
                     if failing_since.is_none() {
                         attempt = 0;
                     }
-                    let mut delay = hs.queues().backoff.next(attempt);
+                    let mut delay = Backoff::DEFAULT.next(attempt);
                     if let SendError::Status { retry_after: Some(after), .. } = &err {
-                        delay = delay.max((*after).min(MAX_RETRY_AFTER));
+                        // Already capped at 1 h where the header is read.
+                        delay = delay.max(*after);
                     }
                     attempt = attempt.saturating_add(1);
                     warn!(pusher = id, error = %err, retry_in = ?delay, "push to the gateway failed");
@@ -212,28 +208,13 @@ impl Item {
     }
 }
 
-/// The longest `Retry-After` honoured.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(60 * 60);
-
-/// A failure that sending the same request again cannot fix: a bad URL, or a 4xx other than
-/// 408 (timeout) and 429 (rate limit).
-fn is_permanent(err: &SendError) -> bool {
-    match err {
-        SendError::InvalidUrl => true,
-        SendError::Status { status, .. } => {
-            status.is_client_error() && !matches!(status.as_u16(), 408 | 429)
-        }
-        _ => false,
-    }
-}
-
 #[derive(Clone, Copy)]
 enum Advance {
     Done,
     Retry { since: Option<i64>, delay: Duration },
 }
 
-fn next_job(_hs: &Homeserver, conn: &mut Connection, id: i64) -> ApiResult<Job> {
+fn next_job(conn: &mut Connection, id: i64) -> ApiResult<Job> {
     let Some(row) = store::pusher(conn, id)? else { return Ok(Job::Gone) };
     let Ok(pusher) = serde_json::from_value::<Pusher>(row.json.clone()) else {
         warn!(pusher = id, "stored pusher is unreadable; removing it");
@@ -242,8 +223,11 @@ fn next_job(_hs: &Homeserver, conn: &mut Connection, id: i64) -> ApiResult<Job> 
     };
     let Some(url) = pusher.data.url.clone() else { return Ok(Job::Gone) };
     let pushkey_ts = u64::try_from(row.pushkey_ts / 1000).unwrap_or(0);
-    let counts = Counts { unread: store::total_unread(conn, &row.user_id)?, missed_calls: None };
     let next = store::next_push_action(conn, &row.user_id, row.position)?;
+    if next.is_none() && !row.badge_pending {
+        return Ok(Job::Idle);
+    }
+    let counts = Counts { unread: store::total_unread(conn, &row.user_id)?, missed_calls: None };
     let (body, item) = match next {
         Some((stream, room_id, actions)) => {
             let Some(event) = store::event_by_stream(conn, stream)? else {

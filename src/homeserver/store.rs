@@ -115,10 +115,6 @@ pub fn current_stream(conn: &Connection) -> Result<i64, DbError> {
     conn.query_row("SELECT value FROM meta WHERE key = 'stream'", [], |r| r.get(0))
 }
 
-pub fn current_to_device(conn: &Connection) -> Result<i64, DbError> {
-    conn.query_row("SELECT COALESCE(MAX(id), 0) FROM to_device", [], |r| r.get(0))
-}
-
 fn json(text: String) -> Value {
     serde_json::from_str(&text).unwrap_or(Value::Null)
 }
@@ -169,16 +165,6 @@ pub fn add_device(
 pub fn devices(conn: &Connection, user_id: &str) -> Result<Vec<String>, DbError> {
     let mut stmt = conn.prepare_cached("SELECT device_id FROM devices WHERE user_id = ?1")?;
     stmt.query_map([user_id], |r| r.get(0))?.collect()
-}
-
-pub fn device_exists(conn: &Connection, user_id: &str, device_id: &str) -> Result<bool, DbError> {
-    conn.query_row(
-        "SELECT 1 FROM devices WHERE user_id = ?1 AND device_id = ?2",
-        params![user_id, device_id],
-        |_| Ok(()),
-    )
-    .optional()
-    .map(|r| r.is_some())
 }
 
 /// `(user_id, device_id)` for an access token.
@@ -516,22 +502,6 @@ pub fn receipts_since(
     .collect()
 }
 
-/// Whether the user's receipts in a room changed after `since`.
-pub fn own_receipt_changed(
-    conn: &Connection,
-    room_id: &str,
-    user_id: &str,
-    since: i64,
-) -> Result<bool, DbError> {
-    conn.query_row(
-        "SELECT 1 FROM receipts WHERE room_id = ?1 AND user_id = ?2 AND stream > ?3",
-        params![room_id, user_id, since],
-        |_| Ok(()),
-    )
-    .optional()
-    .map(|r| r.is_some())
-}
-
 pub fn insert_push_action(
     tx: &Transaction<'_>,
     user_id: &str,
@@ -592,30 +562,25 @@ pub fn notifications(
     only_highlight: bool,
 ) -> Result<Vec<NotificationRow>, DbError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT p.event_stream, p.room_id, p.actions, p.highlight, p.ts, e.json
+        "SELECT p.event_stream, p.room_id, p.actions, p.highlight, p.ts, e.json,
+                p.event_stream <= COALESCE(k.upto, 0)
          FROM push_actions p JOIN events e ON e.stream = p.event_stream
+         LEFT JOIN read_marks k ON k.room_id = p.room_id AND k.user_id = p.user_id
          WHERE p.user_id = ?1 AND p.event_stream < ?2 AND (?3 = 0 OR p.highlight = 1)
          ORDER BY p.event_stream DESC LIMIT ?4",
     )?;
-    let rows: Vec<NotificationRow> = stmt
-        .query_map(params![user_id, before, only_highlight, limit as i64], |r| {
-            Ok(NotificationRow {
-                event_stream: r.get(0)?,
-                room_id: r.get(1)?,
-                actions: json(r.get(2)?),
-                highlight: r.get(3)?,
-                ts: r.get(4)?,
-                event: json(r.get(5)?),
-                read: false,
-            })
-        })?
-        .collect::<Result<_, _>>()?;
-    rows.into_iter()
-        .map(|mut row| {
-            row.read = row.event_stream <= read_upto(conn, &row.room_id, user_id)?;
-            Ok(row)
+    stmt.query_map(params![user_id, before, only_highlight, limit as i64], |r| {
+        Ok(NotificationRow {
+            event_stream: r.get(0)?,
+            room_id: r.get(1)?,
+            actions: json(r.get(2)?),
+            highlight: r.get(3)?,
+            ts: r.get(4)?,
+            event: json(r.get(5)?),
+            read: r.get(6)?,
         })
-        .collect()
+    })?
+    .collect()
 }
 
 // ---- account data ----

@@ -170,8 +170,8 @@ fn joined_room(viewer: &Viewer<'_>, room_id: &str, span: Span) -> ApiResult<Opti
         store::room_events(conn, room_id, span.since, span.upto, TIMELINE_LIMIT)?;
     let receipts =
         if fresh { Vec::new() } else { store::receipts_since(conn, room_id, span.since, user_id)? };
-    let own_receipt = !fresh && store::own_receipt_changed(conn, room_id, user_id, span.since)?;
-    if !fresh && !span.full_state && events.is_empty() && receipts.is_empty() && !own_receipt {
+    // The viewer's own receipts (public and private) are among `receipts`.
+    if !fresh && !span.full_state && events.is_empty() && receipts.is_empty() {
         return Ok(None);
     }
     let first = events.first().map_or(span.upto, |(s, _)| *s);
