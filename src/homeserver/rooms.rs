@@ -118,7 +118,7 @@ fn require_room(conn: &Connection, room_id: &str) -> ApiResult<()> {
     }
 }
 
-fn require_joined(conn: &Connection, room_id: &str, user_id: &str) -> ApiResult<()> {
+pub(crate) fn require_joined(conn: &Connection, room_id: &str, user_id: &str) -> ApiResult<()> {
     require_room(conn, room_id)?;
     match store::membership(conn, room_id, user_id)?.as_deref() {
         Some("join") => Ok(()),
@@ -523,11 +523,7 @@ pub fn receipt(
         return Err(MatrixError::not_found(format!("unknown event {event_id}")));
     };
     if event["room_id"] != room_id {
-        return Err(MatrixError::new(
-            StatusCode::BAD_REQUEST,
-            "M_INVALID_PARAM",
-            format!("{event_id} is not in {room_id}"),
-        ));
+        return Err(MatrixError::invalid_param(format!("{event_id} is not in {room_id}")));
     }
     if receipt_type == "m.fully_read" {
         // The read marker is room account data, which this server does not keep; it moves no

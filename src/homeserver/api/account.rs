@@ -70,11 +70,9 @@ fn valid_localpart(localpart: &str) -> bool {
 
 /// A new device and access token for the user.
 fn new_session(
-    hs: &Homeserver,
     user_id: String,
     device_id: Option<&str>,
 ) -> impl FnOnce(&Homeserver, &mut rusqlite::Connection) -> ApiResult<Value> + Send + 'static {
-    let _ = hs;
     let device_id = device_id
         .map_or_else(|| random_id(8).to_uppercase().replace(['-', '_'], "X"), str::to_owned);
     move |hs, conn| {
@@ -131,7 +129,7 @@ pub async fn register(
     if inhibit_login {
         return Ok((StatusCode::OK, Json(json!({ "user_id": user_id }))));
     }
-    let session = new_session(&hs, user_id, device_id.as_deref());
+    let session = new_session(user_id, device_id.as_deref());
     Ok((StatusCode::OK, Json(hs.db(session).await?)))
 }
 
@@ -164,7 +162,7 @@ pub async fn login(
     if !ok {
         return Err(MatrixError::forbidden("invalid user name or password"));
     }
-    let session = new_session(&hs, user_id, device_id.as_deref());
+    let session = new_session(user_id, device_id.as_deref());
     Ok(Json(hs.db(session).await?))
 }
 

@@ -149,9 +149,7 @@ impl FromRequestParts<Homeserver> for Auth {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::to_owned);
-        let query = parts.uri.query().and_then(|q| {
-            q.split('&').find_map(|pair| pair.strip_prefix("access_token=")).map(percent_decode)
-        });
+        let query = query_param(parts.uri.query(), "access_token");
         let Some(token) = header.or(query) else {
             return Err(MatrixError::new(
                 StatusCode::UNAUTHORIZED,

@@ -73,16 +73,6 @@ pub async fn send(
     Ok(Json(json!({ "event_id": event_id })))
 }
 
-fn require_member(conn: &rusqlite::Connection, room: &str, user: &str) -> ApiResult<()> {
-    match store::membership(conn, room, user)?.as_deref() {
-        Some("join") => Ok(()),
-        _ if !store::room_exists(conn, room)? => {
-            Err(MatrixError::not_found(format!("unknown room {room}")))
-        }
-        _ => Err(MatrixError::forbidden(format!("{user} is not joined to {room}"))),
-    }
-}
-
 pub async fn full_state(
     State(hs): State<Homeserver>,
     auth: Auth,
@@ -90,7 +80,7 @@ pub async fn full_state(
 ) -> ApiResult<Json<Value>> {
     let state = hs
         .db(move |_, conn| {
-            require_member(conn, &room, &auth.user_id)?;
+            rooms::require_joined(conn, &room, &auth.user_id)?;
             Ok(store::room_state(conn, &room)?)
         })
         .await?;
@@ -104,7 +94,7 @@ pub async fn get_state(
 ) -> ApiResult<Json<Value>> {
     let event = hs
         .db(move |_, conn| {
-            require_member(conn, &room, &auth.user_id)?;
+            rooms::require_joined(conn, &room, &auth.user_id)?;
             store::state_event(conn, &room, &kind, &key)?
                 .ok_or_else(|| MatrixError::not_found(format!("no {kind} state with key {key:?}")))
         })
@@ -150,7 +140,7 @@ pub async fn joined_members(
 ) -> ApiResult<Json<Value>> {
     let members = hs
         .db(move |_, conn| {
-            require_member(conn, &room, &auth.user_id)?;
+            rooms::require_joined(conn, &room, &auth.user_id)?;
             Ok(store::joined_members(conn, &room)?)
         })
         .await?;
