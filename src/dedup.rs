@@ -16,7 +16,7 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::future::Future;
-use std::hash::{BuildHasher, Hasher};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -91,7 +91,7 @@ type Shared = Result<Final, Arc<dyn Any + Send + Sync>>;
 
 struct State {
     slots: Vec<Slot>,
-    inflight: HashMap<DedupKey, watch::Receiver<Option<Shared>>, KeyHasher>,
+    inflight: HashMap<DedupKey, watch::Receiver<Option<Shared>>>,
 }
 
 #[derive(Clone)]
@@ -100,24 +100,24 @@ pub struct Dedup {
     sets: usize,
     ttl_ms: u64,
     epoch: Instant,
-    hasher: KeyHasher,
+    /// Picks a key's set; seeded per process.
+    hasher: RandomState,
 }
 
 impl Dedup {
     pub fn new(config: &DedupConfig) -> Dedup {
         let sets = usize::try_from(config.max_entries).unwrap_or(usize::MAX).div_ceil(WAYS).max(1);
-        let hasher = KeyHasher::random();
         Dedup {
             // `vec!` of zeroes is one calloc: pages are touched (and counted in RSS) only as
             // entries arrive.
             state: Arc::new(Mutex::new(State {
                 slots: vec![[0u64; 3]; sets * WAYS],
-                inflight: HashMap::with_hasher(hasher.clone()),
+                inflight: HashMap::new(),
             })),
             sets,
             ttl_ms: u64::try_from(config.ttl.as_millis()).unwrap_or(u64::MAX >> 2).max(1),
             epoch: Instant::now(),
-            hasher,
+            hasher: RandomState::new(),
         }
     }
 
@@ -231,10 +231,6 @@ impl Dedup {
             }
         }
     }
-
-    /// Folds nothing: kept for callers that settle the cache before measuring (the table has
-    /// no deferred work).
-    pub async fn run_pending_tasks(&self) {}
 }
 
 /// The first caller's outcome, or `None` when it was cancelled first.
@@ -258,51 +254,6 @@ impl Drop for InflightGuard<'_> {
         if self.armed {
             self.dedup.lock().inflight.remove(&self.key);
         }
-    }
-}
-
-/// Hashes a [`DedupKey`] (already uniform: SHA-256 output) with a per-process random seed, so
-/// which set a key lands in cannot be predicted from outside.
-#[derive(Clone)]
-struct KeyHasher {
-    seed: (u64, u64),
-}
-
-impl KeyHasher {
-    fn random() -> KeyHasher {
-        KeyHasher { seed: (rand::random(), rand::random()) }
-    }
-}
-
-impl BuildHasher for KeyHasher {
-    type Hasher = SeededHasher;
-
-    fn build_hasher(&self) -> SeededHasher {
-        SeededHasher { seed: self.seed, state: 0 }
-    }
-}
-
-struct SeededHasher {
-    seed: (u64, u64),
-    state: u64,
-}
-
-impl Hasher for SeededHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            // A folded 64×64→128 multiply with seeded operands mixes every input bit into the
-            // result; without the seed the output is unpredictable only up to the key's own
-            // unpredictability.
-            let x = u64::from_le_bytes(word) ^ self.seed.0 ^ self.state;
-            let m = u128::from(x) * u128::from(self.seed.1 | 1);
-            self.state = (m as u64) ^ ((m >> 64) as u64);
-        }
-    }
-
-    fn finish(&self) -> u64 {
-        self.state
     }
 }
 

@@ -189,11 +189,7 @@ pub fn parse(body: &[u8]) -> Result<Notification, ParseError> {
     // with path tracking to name the field (the tracking costs on every value).
     let request = match serde_json::from_slice::<NotifyRequest>(body) {
         Ok(request) => request,
-        Err(_) => {
-            return Err(parse_tracked(body)
-                .err()
-                .unwrap_or_else(|| ParseError::BadJson("body: not a notify request".into())));
-        }
+        Err(_) => return Err(parse_error(body)),
     };
     if request.notification.devices.is_empty() {
         return Err(ParseError::BadJson("notification.devices: must not be empty".into()));
@@ -201,26 +197,26 @@ pub fn parse(body: &[u8]) -> Result<Notification, ParseError> {
     Ok(request.notification)
 }
 
-/// The slow parse that names the offending field; only run on a body that failed.
-fn parse_tracked(body: &[u8]) -> Result<Notification, ParseError> {
+/// Why `body` failed the plain parse, naming the offending field: the slow parse with path
+/// tracking, run only on a body that already failed.
+fn parse_error(body: &[u8]) -> ParseError {
     let mut de = serde_json::Deserializer::from_slice(body);
-    let request: NotifyRequest = match serde_path_to_error::deserialize(&mut de) {
-        Ok(r) => r,
+    match serde_path_to_error::deserialize::<_, NotifyRequest>(&mut de) {
         Err(e) => {
             let path = e.path().to_string();
             // A type error can come before a syntax error later in the body; only JSON that is
-            // valid as a whole is "bad JSON" rather than "not JSON". (Error path only.)
+            // valid as a whole is "bad JSON" rather than "not JSON".
             if let Err(syntax) = serde_json::from_slice::<serde::de::IgnoredAny>(body) {
-                return Err(ParseError::NotJson(syntax.to_string()));
+                return ParseError::NotJson(syntax.to_string());
             }
-            return Err(classify(e.into_inner(), &path));
+            classify(e.into_inner(), &path)
         }
-    };
-    de.end().map_err(|e| classify(e, "."))?;
-    if request.notification.devices.is_empty() {
-        return Err(ParseError::BadJson("notification.devices: must not be empty".into()));
+        // The request parsed, so what failed is the text after it.
+        Ok(_) => match de.end() {
+            Err(e) => classify(e, "."),
+            Ok(()) => ParseError::BadJson("body: not a notify request".into()),
+        },
     }
-    Ok(request.notification)
 }
 
 fn classify(e: serde_json::Error, path: &str) -> ParseError {
