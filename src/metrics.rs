@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use metrics::{
     Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, SharedString, Unit,
@@ -41,13 +41,15 @@ pub struct Metrics {
     notify_ok: Histogram,
 }
 
-/// One app's hot series, registered once: outcomes, `200` answers, attempt latency.
+/// One app's hot series, each registered on first use and then recorded through its handle
+/// (no registry lookup or label allocation per push): outcomes, `200` answers, attempt latency.
+#[derive(Default)]
 pub struct AppHandles {
-    delivered: Counter,
-    rejected: Counter,
-    failed: Counter,
-    upstream_200: Counter,
-    upstream_duration: Histogram,
+    delivered: OnceLock<Counter>,
+    rejected: OnceLock<Counter>,
+    failed: OnceLock<Counter>,
+    upstream_200: OnceLock<Counter>,
+    upstream_duration: OnceLock<Histogram>,
 }
 
 impl Metrics {
@@ -95,54 +97,14 @@ impl Metrics {
         Metrics { recorder, handle, notifications, devices, dedup_hits, inflight, notify_ok }
     }
 
-    /// The labels of one app, with its hot series registered up front.
+    /// The labels of one app; its hot series are registered when first recorded.
     pub fn app_labels(&self, app: &str, provider: &'static str) -> AppLabels {
-        let base = AppLabels {
-            app: app.into(),
-            provider,
-            handles: Arc::new(AppHandles {
-                delivered: Counter::noop(),
-                rejected: Counter::noop(),
-                failed: Counter::noop(),
-                upstream_200: Counter::noop(),
-                upstream_duration: Histogram::noop(),
-            }),
-        };
-        let outcome = |outcome: &'static str| {
-            let labels = app_labels(&base).chain([Label::from_static_parts("outcome", outcome)]);
-            self.recorder.register_counter(
-                &Key::from_parts(DEVICE_OUTCOMES, labels.collect::<Vec<_>>()),
-                &METADATA,
-            )
-        };
-        let handles = AppHandles {
-            delivered: outcome("delivered"),
-            rejected: outcome("rejected"),
-            failed: outcome("failed"),
-            // Only adapters that call an upstream get upstream series.
-            upstream_200: if matches!(provider, "apns" | "fcm") {
-                self.recorder.register_counter(
-                    &Key::from_parts(
-                        UPSTREAM_RESPONSES,
-                        app_labels(&base)
-                            .chain([Label::from_static_parts("status", "200")])
-                            .collect::<Vec<_>>(),
-                    ),
-                    &METADATA,
-                )
-            } else {
-                Counter::noop()
-            },
-            upstream_duration: if matches!(provider, "apns" | "fcm") {
-                self.recorder.register_histogram(
-                    &Key::from_parts(UPSTREAM_DURATION, app_labels(&base).collect::<Vec<_>>()),
-                    &METADATA,
-                )
-            } else {
-                Histogram::noop()
-            },
-        };
-        AppLabels { handles: Arc::new(handles), ..base }
+        AppLabels { app: app.into(), provider, handles: Arc::default() }
+    }
+
+    fn counter(&self, name: &'static str, app: &AppLabels, extra: Option<Label>) -> Counter {
+        let labels: Vec<_> = app_labels(app).chain(extra).collect();
+        self.recorder.register_counter(&Key::from_parts(name, labels), &METADATA)
     }
 
     /// The Prometheus text exposition of every series.
@@ -153,7 +115,7 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        self.handle.run_upkeep();
+        self.upkeep();
         self.handle.render()
     }
 
@@ -172,40 +134,40 @@ impl Metrics {
 
     /// A device's final outcome: `delivered`, `rejected` or `failed`.
     pub fn device_outcome(&self, app: &AppLabels, outcome: &'static str) {
-        match outcome {
-            "delivered" => return app.handles.delivered.increment(1),
-            "rejected" => return app.handles.rejected.increment(1),
-            "failed" => return app.handles.failed.increment(1),
-            _ => {}
-        }
-        let labels = app_labels(app).chain([Label::from_static_parts("outcome", outcome)]);
-        self.recorder
-            .register_counter(
-                &Key::from_parts(DEVICE_OUTCOMES, labels.collect::<Vec<_>>()),
-                &METADATA,
-            )
-            .increment(1);
+        let label = || Some(Label::from_static_parts("outcome", outcome));
+        let slot = match outcome {
+            "delivered" => &app.handles.delivered,
+            "rejected" => &app.handles.rejected,
+            "failed" => &app.handles.failed,
+            _ => return self.counter(DEVICE_OUTCOMES, app, label()).increment(1),
+        };
+        slot.get_or_init(|| self.counter(DEVICE_OUTCOMES, app, label())).increment(1);
     }
 
     /// One upstream attempt's answer (`200`, `410`, … or `error`/`timeout`) and its latency.
     pub fn upstream(&self, app: &AppLabels, status: &str, elapsed: Duration) {
-        app.handles.upstream_duration.record(elapsed.as_secs_f64());
+        app.handles
+            .upstream_duration
+            .get_or_init(|| {
+                let labels: Vec<_> = app_labels(app).collect();
+                self.recorder
+                    .register_histogram(&Key::from_parts(UPSTREAM_DURATION, labels), &METADATA)
+            })
+            .record(elapsed.as_secs_f64());
+        let label = || Some(Label::new("status", status.to_owned()));
         if status == "200" {
-            return app.handles.upstream_200.increment(1);
+            let counter = app
+                .handles
+                .upstream_200
+                .get_or_init(|| self.counter(UPSTREAM_RESPONSES, app, label()));
+            return counter.increment(1);
         }
-        let status = Label::new("status", status.to_owned());
-        let counter_labels: Vec<_> = app_labels(app).chain([status]).collect();
-        self.recorder
-            .register_counter(&Key::from_parts(UPSTREAM_RESPONSES, counter_labels), &METADATA)
-            .increment(1);
+        self.counter(UPSTREAM_RESPONSES, app, label()).increment(1);
     }
 
     /// Another attempt is about to be made for one device.
     pub fn retry(&self, app: &AppLabels) {
-        let labels: Vec<_> = app_labels(app).collect();
-        self.recorder
-            .register_counter(&Key::from_parts(UPSTREAM_RETRIES, labels), &METADATA)
-            .increment(1);
+        self.counter(UPSTREAM_RETRIES, app, None).increment(1);
     }
 
     /// A notify request answered with `status` after `elapsed`.
