@@ -15,10 +15,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder, MaybeHttpsStream};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::connect::proxy::Tunnel;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpStream;
@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 use crate::config::{ProxyConfig, Upstream};
 
 /// The client type shared by all adapters.
-pub type HttpClient = Client<HttpsConnector<UpstreamConnector>, Full<Bytes>>;
+pub type HttpClient = Client<Connector, Full<Bytes>>;
 
 /// Which HTTP versions a client may speak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,10 +92,10 @@ pub fn client(
         }
     };
     let builder = HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
-    let connector = match protocol {
+    let connector = Connector(match protocol {
         Protocol::Http2Only => builder.enable_http2().wrap_connector(inner),
         Protocol::Any => builder.enable_all_versions().wrap_connector(inner),
-    };
+    });
     let mut client = Client::builder(TokioExecutor::new());
     client
         .timer(TokioTimer::new())
@@ -142,6 +142,73 @@ impl tower::Service<http::Uri> for UpstreamConnector {
                 Box::pin(async move { f.await.map_err(Into::into) })
             }
         }
+    }
+}
+
+/// The connector of every [`HttpClient`]: TLS (or plain TCP) over [`UpstreamConnector`], each
+/// connection wrapped in [`Coalesced`].
+#[derive(Clone)]
+pub struct Connector(HttpsConnector<UpstreamConnector>);
+
+/// One upstream connection. It says it has no vectored writes, which is true of what matters:
+/// over TLS every write is copied into a record anyway. The h2 crate chains a DATA payload of
+/// more than 256 bytes to a vectored-write transport without copying, and then must flush
+/// before it can queue the next frame, so every push would cost its own TLS record and
+/// `writev`. Told otherwise, h2 copies payloads up to 1 KiB into its write buffer, and the
+/// pushes that are ready together leave in one record (measured: one `writev` per request on
+/// the upstream connection before, a fraction after).
+pub struct Coalesced(MaybeHttpsStream<TokioIo<TcpStream>>);
+
+impl tower::Service<http::Uri> for Connector {
+    type Response = Coalesced;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Coalesced, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, dst: http::Uri) -> Self::Future {
+        let connecting = self.0.call(dst);
+        Box::pin(async move { connecting.await.map(Coalesced) })
+    }
+}
+
+impl Connection for Coalesced {
+    fn connected(&self) -> Connected {
+        self.0.connected()
+    }
+}
+
+impl hyper::rt::Read for Coalesced {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Coalesced {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        false
     }
 }
 
