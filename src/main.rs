@@ -167,12 +167,9 @@ fn main() -> ExitCode {
         let admin = admin_listen.or(config.admin_listen);
         config.set_listen(listen, admin);
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match new_runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("herald: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     // Providers (TLS identities, trust roots, service accounts) are built before anything is
     // bound, by `App::build` for `serve` and here for the other commands; a `BuildError` is a
@@ -228,10 +225,11 @@ enum GatewayCommand {
 fn run_demo(no_color: bool) -> ExitCode {
     use herald::demo::{ColorChoice, Options};
     let color = if no_color { ColorChoice::Never } else { ColorChoice::Auto };
-    let result = tokio::runtime::Runtime::new()
-        .map_err(anyhow::Error::from)
-        .and_then(|rt| rt.block_on(herald::demo::run(Options { color })));
-    match result {
+    let runtime = match new_runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match runtime.block_on(herald::demo::run(Options { color })) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("herald demo: {e:#}");
@@ -333,12 +331,9 @@ fn run_homeserver(args: &HomeserverArgs) -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match new_runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("herald: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async {
         let mut config = HomeserverConfig::new(&args.server_name, &args.db);
@@ -433,5 +428,25 @@ async fn send(
             ExitCode::FAILURE
         }
         None => ExitCode::FAILURE,
+    })
+}
+
+/// The async runtime every command runs on. With one CPU to use (a `taskset`, or a container's
+/// CPU quota, both of which `available_parallelism` reads) it is tokio's current-thread
+/// scheduler: no worker thread beside the main one, no cross-thread wake-ups or work-stealing
+/// atomics, and tasks run in the order they were woken, so the pushes that several requests
+/// queue on one upstream connection leave together. With more CPUs, or when
+/// `TOKIO_WORKER_THREADS` is set, it is the multi-threaded scheduler. Blocking work
+/// (`spawn_blocking`) has its own threads either way.
+fn new_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let built = if cpus == 1 && std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Runtime::new()
+    };
+    built.map_err(|e| {
+        eprintln!("herald: cannot start the async runtime: {e}");
+        ExitCode::FAILURE
     })
 }

@@ -1,16 +1,32 @@
 //! `herald demo`: the built binary plays the whole push flow on loopback and narrates it. Its
-//! stdout is a pipe here, so the narration must be plain text.
+//! stdout is a pipe here, so the narration must be plain text. It plays once as started here and
+//! once pinned to one CPU, where herald runs on tokio's current-thread scheduler (homeserver,
+//! gateway and the fake providers then share one thread).
 
 use std::process::Command;
 
 #[test]
 fn demo_plays_the_whole_flow_and_exits_0() {
-    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .arg("demo")
+    let mut command = Command::new(env!("CARGO_BIN_EXE_herald"));
+    command.arg("demo");
+    assert_demo_played(command);
+}
+
+#[test]
+fn demo_plays_the_whole_flow_on_one_cpu() {
+    // `taskset` is part of util-linux, on every Linux machine this suite runs on.
+    let mut command = Command::new("taskset");
+    command.args(["--cpu-list", "0", env!("CARGO_BIN_EXE_herald"), "demo"]);
+    command.env_remove("TOKIO_WORKER_THREADS");
+    assert_demo_played(command);
+}
+
+fn assert_demo_played(mut command: Command) {
+    let out = command
         .env_remove("HERALD_CONFIG")
         .env_remove("RUST_LOG")
         .output()
-        .expect("herald runs");
+        .expect("herald runs (and taskset exists, for the one-CPU run)");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "herald demo failed: {stderr}\n{stdout}");
