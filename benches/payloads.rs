@@ -79,28 +79,34 @@ fn benches(c: &mut Criterion) {
 
 fn dedup_benches(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-    let dedup = Dedup::new(&DedupConfig { ttl: Duration::from_secs(3600), max_entries: 200_000 });
+    let dedup = Dedup::new(&DedupConfig {
+        ttl: Duration::from_secs(3600),
+        max_entries: 200_000,
+        redis: None,
+    });
+    let far = tokio::time::Instant::now() + Duration::from_secs(3600);
     // Fill the cache, as on a gateway that has run a while.
     let next = AtomicU64::new(0);
     let key = |n: u64| DedupKey::new(&format!("$event{n}"), "im.example.ios", "pushkey-0001");
     rt.block_on(async {
         for _ in 0..200_000 {
             let n = next.fetch_add(1, Ordering::Relaxed);
-            let _: Deduped<()> = dedup.run(key(n), async { Ok(Final::Delivered) }).await;
+            let _: Deduped<()> = dedup.run(key(n), far, async { Ok(Final::Delivered) }).await;
         }
     });
     let mut group = c.benchmark_group("dedup");
     let known = key(199_999);
     group.bench_function("hit", |bench| {
         bench.to_async(&rt).iter(|| async {
-            let r: Deduped<()> = dedup.run(black_box(known), async { Ok(Final::Delivered) }).await;
+            let r: Deduped<()> =
+                dedup.run(black_box(known), far, async { Ok(Final::Delivered) }).await;
             assert!(matches!(r, Deduped::Known(_)));
         })
     });
     group.bench_function("miss", |bench| {
         bench.to_async(&rt).iter(|| async {
             let k = key(next.fetch_add(1, Ordering::Relaxed));
-            let r: Deduped<()> = dedup.run(black_box(k), async { Ok(Final::Delivered) }).await;
+            let r: Deduped<()> = dedup.run(black_box(k), far, async { Ok(Final::Delivered) }).await;
             assert!(matches!(r, Deduped::Sent(_)));
         })
     });

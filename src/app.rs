@@ -61,6 +61,11 @@ impl App {
     pub async fn build(config: Config) -> anyhow::Result<App> {
         let metrics = Arc::new(Metrics::new());
         let dispatcher = Dispatcher::new(&config, metrics.clone())?;
+        // With a shared dedup store, start serving once it has answered (or failed to: pushes
+        // never wait for it), so a reachable Redis deduplicates from the first request.
+        if let (Some(store), Some(redis)) = (dispatcher.dedup().shared(), &config.dedup.redis) {
+            store.settled(redis.timeout * 2).await;
+        }
         let state = AppState {
             dispatcher: Arc::new(dispatcher),
             metrics,

@@ -96,6 +96,33 @@ pub enum LogFormat {
 pub struct DedupConfig {
     pub ttl: Duration,
     pub max_entries: u64,
+    /// `backend: redis`: the store shared by every replica. `None`: this process only.
+    pub redis: Option<RedisConfig>,
+}
+
+/// Where the shared dedup store is and how long herald waits for it.
+#[derive(Clone, PartialEq)]
+pub struct RedisConfig {
+    /// `redis://` or `rediss://` (TLS) as written; it may carry a password, so it is never
+    /// logged or printed.
+    pub url: String,
+    /// From `redis_password_file`; replaces any password in the URL.
+    pub password: Option<String>,
+    /// PEM roots from `redis_ca_file`, trusted for `rediss://` instead of the webpki roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// One Redis operation; a slower answer counts as Redis being down.
+    pub timeout: Duration,
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &"<redacted>")
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("ca_pem", &self.ca_pem.as_ref().map(Vec::len))
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 /// An HTTP CONNECT proxy for every upstream connection.
@@ -262,6 +289,9 @@ struct RawDedup {
     max_entries: Option<u64>,
     backend: Option<String>,
     redis_url: Option<String>,
+    redis_password_file: Option<PathBuf>,
+    redis_ca_file: Option<PathBuf>,
+    redis_timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -437,6 +467,62 @@ impl Checker<'_> {
         Ok(url.trim_end_matches('/').to_owned())
     }
 
+    fn redis(&self, raw: &RawDedup) -> Result<RedisConfig, ConfigError> {
+        use redis::IntoConnectionInfo;
+        let Some(url) = raw.redis_url.clone() else {
+            return Err(self.invalid("dedup.redis_url", "required with backend: redis"));
+        };
+        // The URL may hold a password: errors describe it without quoting it.
+        match url.split_once("://").map(|(scheme, _)| scheme) {
+            Some("redis" | "rediss") => {}
+            _ => {
+                return Err(self.invalid(
+                    "dedup.redis_url",
+                    "must be a redis:// or rediss:// (TLS) URL, e.g. redis://redis:6379/0",
+                ));
+            }
+        }
+        if let Err(e) = url.as_str().into_connection_info() {
+            return Err(
+                self.invalid("dedup.redis_url", format!("not a usable Redis URL ({:?})", e.kind()))
+            );
+        }
+        let password = match &raw.redis_password_file {
+            None => None,
+            Some(path) => {
+                let bytes = self.read("dedup.redis_password_file", path)?;
+                let text = String::from_utf8(bytes).map_err(|_| {
+                    self.invalid("dedup.redis_password_file", "the password is not UTF-8")
+                })?;
+                // Secret files usually end with a newline that is not part of the password.
+                let password = text.trim_end_matches(['\r', '\n']).to_owned();
+                if password.is_empty() {
+                    return Err(self.invalid("dedup.redis_password_file", "the file is empty"));
+                }
+                Some(password)
+            }
+        };
+        let ca_pem = match &raw.redis_ca_file {
+            None => None,
+            Some(path) => {
+                if !url.starts_with("rediss://") {
+                    return Err(
+                        self.invalid("dedup.redis_ca_file", "only used with rediss:// URLs")
+                    );
+                }
+                self.ca_file("dedup.redis_ca_file", Some(path))?;
+                Some(self.read("dedup.redis_ca_file", path)?)
+            }
+        };
+        let timeout = self.duration(
+            "dedup.redis_timeout",
+            raw.redis_timeout.as_deref(),
+            "250ms",
+            Duration::from_secs(60),
+        )?;
+        Ok(RedisConfig { url, password, ca_pem, timeout })
+    }
+
     fn ca_file(
         &self,
         key: &str,
@@ -545,23 +631,26 @@ impl Config {
                 check.invalid("log.level", format!("{:?} is not a log level or filter", log.level))
             );
         }
-        match raw.dedup.backend.as_deref() {
-            None | Some("memory") => {}
-            Some("redis") => {
-                return Err(check.invalid(
-                    "dedup.backend",
-                    "redis is not available in this build yet; use memory",
-                ));
+        let redis = match raw.dedup.backend.as_deref() {
+            None | Some("memory") => {
+                let redis_keys = [
+                    ("dedup.redis_url", raw.dedup.redis_url.is_some()),
+                    ("dedup.redis_password_file", raw.dedup.redis_password_file.is_some()),
+                    ("dedup.redis_ca_file", raw.dedup.redis_ca_file.is_some()),
+                    ("dedup.redis_timeout", raw.dedup.redis_timeout.is_some()),
+                ];
+                if let Some((key, _)) = redis_keys.iter().find(|(_, set)| *set) {
+                    return Err(check.invalid(*key, "only used with backend: redis"));
+                }
+                None
             }
+            Some("redis") => Some(check.redis(&raw.dedup)?),
             Some(other) => {
                 return Err(
                     check.invalid("dedup.backend", format!("{other:?} is not memory or redis"))
                 );
             }
-        }
-        if raw.dedup.redis_url.is_some() {
-            return Err(check.invalid("dedup.redis_url", "only used with backend: redis"));
-        }
+        };
         let dedup = DedupConfig {
             ttl: check.duration("dedup.ttl", raw.dedup.ttl.as_deref(), "1h", MAX_DEDUP_TTL)?,
             max_entries: check.count(
@@ -570,6 +659,7 @@ impl Config {
                 1,
                 MAX_DEDUP_ENTRIES,
             )?,
+            redis,
         };
         let proxy = raw.proxy.as_deref().map(|p| parse_proxy(&check, p)).transpose()?;
 
@@ -864,6 +954,53 @@ mod tests {
         .unwrap();
         assert_eq!(c.max_inflight_requests, 1_000_000);
         assert_eq!(c.dedup.ttl, MAX_DEDUP_TTL);
+    }
+
+    #[test]
+    fn the_redis_backend_needs_a_redis_url_and_keeps_its_password_out_of_errors() {
+        let e = parse("dedup: { backend: redis }\n").unwrap_err().to_string();
+        assert!(e.contains("dedup.redis_url") && e.contains("required"), "{e}");
+        let e = parse("dedup: { backend: redis, redis_url: \"http://:hunter2@redis:6379\" }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("dedup.redis_url") && !e.contains("hunter2"), "{e}");
+        let e = parse("dedup: { redis_url: \"redis://redis:6379\" }\n").unwrap_err().to_string();
+        assert!(e.contains("dedup.redis_url") && e.contains("backend: redis"), "{e}");
+        let e = parse("dedup: { backend: memcached }\n").unwrap_err().to_string();
+        assert!(e.contains("dedup.backend"), "{e}");
+        let c =
+            parse("dedup: { backend: redis, redis_url: \"rediss://:pw@redis:6380/2\" }\n").unwrap();
+        let redis = c.dedup.redis.expect("redis backend");
+        assert_eq!(redis.timeout, Duration::from_millis(250));
+        assert!(!format!("{redis:?}").contains("pw@"), "Debug must not show the URL");
+    }
+
+    #[test]
+    fn the_redis_password_file_is_read_without_its_trailing_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("password"), "s3cret\n").unwrap();
+        std::fs::write(dir.path().join("empty"), "\n").unwrap();
+        let yaml = |file: &str| {
+            format!(
+                "dedup: {{ backend: redis, redis_url: \"redis://redis:6379\", \
+                 redis_password_file: {file}, redis_timeout: 1s }}\n"
+            )
+        };
+        let c = Config::from_yaml(&yaml("password"), "g.yaml", dir.path()).unwrap();
+        let redis = c.dedup.redis.unwrap();
+        assert_eq!(redis.password.as_deref(), Some("s3cret"));
+        assert_eq!(redis.timeout, Duration::from_secs(1));
+        let e = Config::from_yaml(&yaml("empty"), "g.yaml", dir.path()).unwrap_err().to_string();
+        assert!(e.contains("dedup.redis_password_file") && e.contains("empty"), "{e}");
+        let e = Config::from_yaml(&yaml("missing"), "g.yaml", dir.path()).unwrap_err().to_string();
+        assert!(e.contains("dedup.redis_password_file"), "{e}");
+        // A CA file only makes sense for TLS.
+        let e = parse(
+            "dedup: { backend: redis, redis_url: \"redis://redis:6379\", redis_ca_file: ca.pem }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("dedup.redis_ca_file") && e.contains("rediss://"), "{e}");
     }
 
     #[test]

@@ -102,12 +102,18 @@ impl Dispatcher {
         Ok(Dispatcher {
             exact,
             globs,
-            dedup: Dedup::new(&config.dedup),
+            dedup: Dedup::with_backend(&config.dedup, config.request_deadline, &metrics)
+                .map_err(|message| BuildError { key: "dedup".into(), message })?,
             retry: config.retry,
             upstream_timeout: config.upstream_timeout,
             metrics,
             unmatched,
         })
+    }
+
+    /// The dedup table (and shared store, with `backend: redis`).
+    pub fn dedup(&self) -> &Dedup {
+        &self.dedup
     }
 
     fn lookup(&self, app_id: &str) -> Result<&Arc<App>, &'static str> {
@@ -157,7 +163,7 @@ impl Dispatcher {
                             DeviceResult::Failed(why) => Err(why),
                         }
                     };
-                    match self.dedup.run(key, send).await {
+                    match self.dedup.run(key, deadline, send).await {
                         Deduped::Sent(Final::Delivered) => DeviceResult::Delivered,
                         Deduped::Sent(Final::Rejected) => {
                             DeviceResult::Rejected(rejected_why.unwrap_or_default())
@@ -173,6 +179,9 @@ impl Dispatcher {
                             }
                         }
                         Deduped::Failed(why) => DeviceResult::Failed(why),
+                        Deduped::Busy => DeviceResult::Failed(
+                            "another replica was still sending this push at the deadline".into(),
+                        ),
                     }
                 }
             },

@@ -25,6 +25,8 @@ pub const DEDUP_HITS: &str = "herald_dedup_hits_total";
 pub const UPSTREAM_RETRIES: &str = "herald_upstream_retries_total";
 pub const INFLIGHT_REQUESTS: &str = "herald_inflight_requests";
 pub const NOTIFY_DURATION: &str = "herald_notify_duration_seconds";
+pub const DEDUP_STORE_UP: &str = "herald_dedup_store_up";
+pub const DEDUP_STORE_FALLBACKS: &str = "herald_dedup_store_fallbacks_total";
 
 const BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 const METADATA: Metadata<'static> = Metadata::new("herald", Level::INFO, Some("herald"));
@@ -68,6 +70,11 @@ impl Metrics {
         describe(UPSTREAM_RESPONSES, None, "Upstream answers by HTTP status (or error).");
         describe(DEDUP_HITS, None, "Devices answered from the dedup cache without a send.");
         describe(UPSTREAM_RETRIES, None, "Upstream attempts repeated after a transient failure.");
+        describe(
+            DEDUP_STORE_FALLBACKS,
+            None,
+            "Sends deduplicated only locally because the shared dedup store (Redis) was down.",
+        );
         recorder.describe_histogram(
             UPSTREAM_DURATION.into(),
             Some(Unit::Seconds),
@@ -77,6 +84,11 @@ impl Metrics {
             NOTIFY_DURATION.into(),
             Some(Unit::Seconds),
             SharedString::const_str("Time to answer a notify request, by HTTP status."),
+        );
+        recorder.describe_gauge(
+            DEDUP_STORE_UP.into(),
+            None,
+            SharedString::const_str("1 while the shared dedup store (Redis) answers, else 0."),
         );
         recorder.describe_gauge(
             INFLIGHT_REQUESTS.into(),
@@ -126,6 +138,16 @@ impl Metrics {
 
     pub fn dedup_hit(&self) {
         self.dedup_hits.increment(1);
+    }
+
+    /// `herald_dedup_store_up` (only with `dedup.backend: redis`).
+    pub fn dedup_store_up(&self) -> Gauge {
+        self.recorder.register_gauge(&Key::from_static_name(DEDUP_STORE_UP), &METADATA)
+    }
+
+    /// `herald_dedup_store_fallbacks_total` (only with `dedup.backend: redis`).
+    pub fn dedup_store_fallbacks(&self) -> Counter {
+        self.recorder.register_counter(&Key::from_static_name(DEDUP_STORE_FALLBACKS), &METADATA)
     }
 
     pub fn inflight(&self) -> &Gauge {

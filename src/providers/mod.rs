@@ -80,11 +80,12 @@ impl std::fmt::Debug for AppLabels {
     }
 }
 
-/// Why an adapter could not be built (bad TLS material and the like).
+/// Why an adapter (or the dedup store) could not be built: bad TLS material and the like.
 #[derive(Debug, thiserror::Error)]
-#[error("apps.{app}: {message}")]
+#[error("{key}: {message}")]
 pub struct BuildError {
-    pub app: String,
+    /// The config key at fault, e.g. `apps.im.example.ios`.
+    pub key: String,
     pub message: String,
 }
 
@@ -94,7 +95,7 @@ impl Provider {
         proxy: Option<&ProxyConfig>,
         metrics: &Arc<Metrics>,
     ) -> Result<Provider, BuildError> {
-        let err = |message: String| BuildError { app: app.pattern.clone(), message };
+        let err = |message: String| BuildError { key: format!("apps.{}", app.pattern), message };
         let labels = |provider| metrics.app_labels(&app.pattern, provider);
         Ok(match &app.kind {
             AppKind::Apns(c) => Provider::Apns(

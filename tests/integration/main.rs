@@ -11,4 +11,5 @@ mod notify;
 mod push_flow;
 mod pushrules_cli;
 mod pushrules_ruma;
+mod redis_dedup;
 mod support;

@@ -38,6 +38,8 @@ pub struct Settings {
     pub proxy: Option<String>,
     /// YAML fragment for `apps:` (each line indented by two spaces).
     pub apps: String,
+    /// The `dedup:` value (a YAML flow mapping), when not the default.
+    pub dedup: Option<String>,
 }
 
 impl Default for Settings {
@@ -54,6 +56,7 @@ impl Default for Settings {
             separate_admin: true,
             proxy: None,
             apps: log_app("im.example.debug"),
+            dedup: None,
         }
     }
 }
@@ -62,8 +65,9 @@ impl Settings {
     pub fn yaml(&self) -> String {
         let admin = if self.separate_admin { "admin_listen: \"127.0.0.1:0\"\n" } else { "" };
         let proxy = self.proxy.as_ref().map(|p| format!("proxy: \"{p}\"\n")).unwrap_or_default();
+        let dedup = self.dedup.as_ref().map(|d| format!("dedup: {d}\n")).unwrap_or_default();
         format!(
-            "listen: \"127.0.0.1:0\"\n{admin}{proxy}max_body_bytes: {}\nrequest_deadline: \"{}\"\nupstream_timeout: \"{}\"\n\
+            "listen: \"127.0.0.1:0\"\n{admin}{proxy}{dedup}max_body_bytes: {}\nrequest_deadline: \"{}\"\nupstream_timeout: \"{}\"\n\
              retry: {{ attempts: {}, initial_backoff: \"{}\", max_backoff: \"{}\" }}\n\
              max_inflight_requests: {}\nshutdown_grace: \"{}\"\nlog: {{ level: debug }}\napps:\n{}",
             self.max_body_bytes,

@@ -8,5 +8,6 @@ pub mod fake_fcm;
 pub mod gateway;
 pub mod matrix;
 pub mod proxy;
+pub mod redis;
 pub mod server;
 pub mod tls;

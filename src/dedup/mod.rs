@@ -12,6 +12,12 @@
 //! replaces its entry that expires first. Sets are chosen by a hash seeded per process, so no
 //! one can aim keys at one set to push others' entries out. The lock is held only for a table
 //! lookup or insert, never across a send.
+//!
+//! With `dedup.backend: redis` the table stays in front (a hit costs no round trip) and the
+//! coalescing of concurrent duplicates stays in this process; [`redis`] adds the claim that
+//! stops two replicas from sending the same push, and keeps final outcomes for every replica.
+
+pub mod redis;
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -23,6 +29,8 @@ use std::time::Instant;
 use tokio::sync::watch;
 
 use crate::config::DedupConfig;
+use crate::metrics::Metrics;
+use redis::{Claim, SharedStore};
 
 /// A device's final answer, as remembered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +65,8 @@ pub enum Deduped<E> {
     Known(Final),
     /// The send failed (this call's or the concurrent one's); nothing was remembered.
     Failed(E),
+    /// Another replica was still sending it when the deadline came; nothing was sent here.
+    Busy,
 }
 
 /// Entries per set: a full set replaces the entry that expires first.
@@ -102,9 +112,12 @@ pub struct Dedup {
     epoch: Instant,
     /// Picks a key's set; seeded per process.
     hasher: RandomState,
+    /// `backend: redis`: the store shared with the other replicas.
+    shared: Option<SharedStore>,
 }
 
 impl Dedup {
+    /// The table for this process alone (`backend: memory`).
     pub fn new(config: &DedupConfig) -> Dedup {
         let sets = usize::try_from(config.max_entries).unwrap_or(usize::MAX).div_ceil(WAYS).max(1);
         Dedup {
@@ -118,7 +131,28 @@ impl Dedup {
             ttl_ms: u64::try_from(config.ttl.as_millis()).unwrap_or(u64::MAX >> 2).max(1),
             epoch: Instant::now(),
             hasher: RandomState::new(),
+            shared: None,
         }
+    }
+
+    /// The table plus, with `backend: redis`, the shared store (created without connecting;
+    /// must run inside a tokio runtime). `claim_ttl` bounds how long the claim of a replica
+    /// that died mid-send holds the others back: the longest a send may take.
+    pub fn with_backend(
+        config: &DedupConfig,
+        claim_ttl: std::time::Duration,
+        metrics: &Metrics,
+    ) -> Result<Dedup, String> {
+        let mut dedup = Dedup::new(config);
+        if let Some(redis) = &config.redis {
+            dedup.shared = Some(SharedStore::new(redis, config.ttl, claim_ttl, metrics)?);
+        }
+        Ok(dedup)
+    }
+
+    /// The shared store, when there is one.
+    pub fn shared(&self) -> Option<&SharedStore> {
+        self.shared.as_ref()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -161,8 +195,14 @@ impl Dedup {
         set[slot] = [words[0], words[1], (expires << 1) | u64::from(outcome == Final::Rejected)];
     }
 
-    /// Runs `send` unless `key` already has a final outcome or is being sent right now.
-    pub async fn run<F, E>(&self, key: DedupKey, send: F) -> Deduped<E>
+    /// Runs `send` unless `key` already has a final outcome or is being sent right now (here,
+    /// or by another replica: then this waits for its outcome until `deadline`).
+    pub async fn run<F, E>(
+        &self,
+        key: DedupKey,
+        deadline: tokio::time::Instant,
+        send: F,
+    ) -> Deduped<E>
     where
         F: Future<Output = Result<Final, E>>,
         E: Clone + Send + Sync + 'static,
@@ -195,13 +235,14 @@ impl Dedup {
                 None => {}
             }
         };
-        self.lead(key, tx, send).await
+        self.lead(key, deadline, tx, send).await
     }
 
     /// Sends as the one caller for `key`, then tells the waiting duplicates.
     async fn lead<F, E>(
         &self,
         key: DedupKey,
+        deadline: tokio::time::Instant,
         tx: watch::Sender<Option<Shared>>,
         send: F,
     ) -> Deduped<E>
@@ -211,8 +252,33 @@ impl Dedup {
     {
         // Dropped without finishing (the request was cancelled): clear the in-flight mark so a
         // duplicate can send; the closed channel wakes the waiters.
-        let mut guard = InflightGuard { dedup: self, key, armed: true };
+        let mut guard = InflightGuard { dedup: self, key, armed: true, claim: None };
+        match &self.shared {
+            None => {}
+            Some(shared) => match shared.claim(&key, deadline).await {
+                Claim::Owned(token) => guard.claim = Some(token),
+                Claim::Unavailable => {}
+                Claim::Known(outcome) => {
+                    let mut state = self.lock();
+                    state.inflight.remove(&key);
+                    guard.armed = false;
+                    let now = self.now_ms();
+                    self.remember(&mut state, &key, outcome, now);
+                    drop(state);
+                    tx.send_replace(Some(Ok(outcome)));
+                    return Deduped::Known(outcome);
+                }
+                // The waiters here see the closed channel and try for themselves.
+                Claim::Busy => return Deduped::Busy,
+            },
+        }
         let result = send.await;
+        if let (Some(shared), Some(token)) = (&self.shared, guard.claim.take()) {
+            match &result {
+                Ok(outcome) => shared.finish(&key, *outcome).await,
+                Err(_) => shared.release(&key, token).await,
+            }
+        }
         let mut state = self.lock();
         state.inflight.remove(&key);
         guard.armed = false;
@@ -247,12 +313,22 @@ struct InflightGuard<'a> {
     dedup: &'a Dedup,
     key: DedupKey,
     armed: bool,
+    /// This send's claim in the shared store, until it is finished or released.
+    claim: Option<redis::Token>,
 }
 
 impl Drop for InflightGuard<'_> {
     fn drop(&mut self) {
         if self.armed {
             self.dedup.lock().inflight.remove(&self.key);
+        }
+        // Cancelled mid-send: give the claim back now rather than making the other replicas
+        // wait for it to expire.
+        if let (Some(shared), Some(token)) = (&self.dedup.shared, self.claim.take())
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let (shared, key) = (shared.clone(), self.key);
+            runtime.spawn(async move { shared.release(&key, token).await });
         }
     }
 }
@@ -263,8 +339,12 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
+    fn far() -> tokio::time::Instant {
+        tokio::time::Instant::now() + Duration::from_secs(60)
+    }
+
     fn dedup() -> Dedup {
-        Dedup::new(&DedupConfig { ttl: Duration::from_secs(60), max_entries: 100 })
+        Dedup::new(&DedupConfig { ttl: Duration::from_secs(60), max_entries: 100, redis: None })
     }
 
     #[test]
@@ -277,11 +357,11 @@ mod tests {
     async fn final_outcomes_are_remembered_failures_are_not() {
         let d = dedup();
         let k = DedupKey::new("$e", "app", "key");
-        let r: Deduped<String> = d.run(k, async { Err("down".to_owned()) }).await;
+        let r: Deduped<String> = d.run(k, far(), async { Err("down".to_owned()) }).await;
         assert_eq!(r, Deduped::Failed("down".into()));
-        let r: Deduped<String> = d.run(k, async { Ok(Final::Delivered) }).await;
+        let r: Deduped<String> = d.run(k, far(), async { Ok(Final::Delivered) }).await;
         assert_eq!(r, Deduped::Sent(Final::Delivered));
-        let r: Deduped<String> = d.run(k, async { panic!("must not send twice") }).await;
+        let r: Deduped<String> = d.run(k, far(), async { panic!("must not send twice") }).await;
         assert_eq!(r, Deduped::Known(Final::Delivered));
     }
 
@@ -291,7 +371,7 @@ mod tests {
         let sends = AtomicUsize::new(0);
         let k = DedupKey::new("$e", "app", "key");
         let one = || async {
-            d.run::<_, String>(k, async {
+            d.run::<_, String>(k, far(), async {
                 sends.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 Ok(Final::Rejected)
@@ -310,30 +390,35 @@ mod tests {
 
     #[tokio::test]
     async fn outcomes_expire_after_the_ttl() {
-        let d = Dedup::new(&DedupConfig { ttl: Duration::from_millis(30), max_entries: 100 });
+        let d = Dedup::new(&DedupConfig {
+            ttl: Duration::from_millis(30),
+            max_entries: 100,
+            redis: None,
+        });
         let k = DedupKey::new("$e", "app", "key");
-        let r: Deduped<String> = d.run(k, async { Ok(Final::Delivered) }).await;
+        let r: Deduped<String> = d.run(k, far(), async { Ok(Final::Delivered) }).await;
         assert_eq!(r, Deduped::Sent(Final::Delivered));
-        let r: Deduped<String> = d.run(k, async { Ok(Final::Rejected) }).await;
+        let r: Deduped<String> = d.run(k, far(), async { Ok(Final::Rejected) }).await;
         assert_eq!(r, Deduped::Known(Final::Delivered), "still remembered");
         tokio::time::sleep(Duration::from_millis(60)).await;
-        let r: Deduped<String> = d.run(k, async { Ok(Final::Rejected) }).await;
+        let r: Deduped<String> = d.run(k, far(), async { Ok(Final::Rejected) }).await;
         assert_eq!(r, Deduped::Sent(Final::Rejected), "expired, so sent again");
     }
 
     #[tokio::test]
     async fn the_table_holds_at_most_max_entries() {
-        let d = Dedup::new(&DedupConfig { ttl: Duration::from_secs(60), max_entries: 64 });
+        let d =
+            Dedup::new(&DedupConfig { ttl: Duration::from_secs(60), max_entries: 64, redis: None });
         let key = |i: usize| DedupKey::new(&format!("$e{i}"), "app", "key");
         for i in 0..1000 {
-            let r: Deduped<String> = d.run(key(i), async { Ok(Final::Delivered) }).await;
+            let r: Deduped<String> = d.run(key(i), far(), async { Ok(Final::Delivered) }).await;
             assert_eq!(r, Deduped::Sent(Final::Delivered));
         }
         let remembered = d.lock().slots.iter().filter(|s| s[2] != 0).count();
         assert_eq!(remembered, 64, "every slot used, none beyond");
         assert!(d.lock().inflight.is_empty());
         // The newest key is always remembered: a full set replaces its oldest entry.
-        let r: Deduped<String> = d.run(key(999), async { Ok(Final::Rejected) }).await;
+        let r: Deduped<String> = d.run(key(999), far(), async { Ok(Final::Rejected) }).await;
         assert_eq!(r, Deduped::Known(Final::Delivered));
     }
 
@@ -346,7 +431,7 @@ mod tests {
             let d = d.clone();
             tokio::spawn(async move {
                 let _: Deduped<String> = d
-                    .run(k, async {
+                    .run(k, far(), async {
                         let _ = started_tx.send(());
                         std::future::pending::<()>().await;
                         Ok(Final::Delivered)
@@ -357,7 +442,9 @@ mod tests {
         started_rx.await.unwrap();
         let second = {
             let d = d.clone();
-            tokio::spawn(async move { d.run::<_, String>(k, async { Ok(Final::Rejected) }).await })
+            tokio::spawn(async move {
+                d.run::<_, String>(k, far(), async { Ok(Final::Rejected) }).await
+            })
         };
         tokio::task::yield_now().await;
         first.abort();
@@ -370,7 +457,7 @@ mod tests {
         let d = dedup();
         let k = DedupKey::new("$e", "app", "key");
         let one = || async {
-            d.run::<_, String>(k, async {
+            d.run::<_, String>(k, far(), async {
                 tokio::time::sleep(Duration::from_millis(30)).await;
                 Err("down".to_owned())
             })
@@ -379,7 +466,7 @@ mod tests {
         let (a, b) = tokio::join!(one(), one());
         assert_eq!(a, Deduped::Failed("down".into()));
         assert_eq!(b, Deduped::Failed("down".into()));
-        let r: Deduped<String> = d.run(k, async { Ok(Final::Delivered) }).await;
+        let r: Deduped<String> = d.run(k, far(), async { Ok(Final::Delivered) }).await;
         assert_eq!(r, Deduped::Sent(Final::Delivered));
     }
 }
