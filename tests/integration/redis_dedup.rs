@@ -13,7 +13,7 @@ use crate::support::gateway::{
     APNS_KEY_ID, APNS_TEAM_ID, Settings, TestGateway, apns_app, apns_token as token, message,
 };
 use crate::support::redis::RedisServer;
-use crate::support::tls::TestCa;
+use crate::support::tls::{TestCa, write_file};
 
 const APP: &str = "im.example.ios";
 
@@ -184,4 +184,45 @@ async fn herald_starts_and_delivers_when_redis_is_unreachable() {
     let metrics = p.a.metrics().await;
     assert_eq!(metric(&metrics, "herald_dedup_store_up"), 0.0, "{metrics}");
     assert!(metric(&metrics, "herald_dedup_store_fallbacks_total") >= 1.0, "{metrics}");
+}
+
+#[tokio::test]
+async fn rediss_with_a_private_ca_and_a_password_file_is_shared_too() {
+    let ca = TestCa::new();
+    let Some(redis) = RedisServer::start_tls(&ca, "s3cret-pass") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let redis_ca = write_file(dir.path(), "redis-ca.pem", ca.cert_pem());
+    let password = write_file(dir.path(), "redis-password", "s3cret-pass\n");
+    let url = format!("rediss://localhost:{}/0", redis.port);
+    let (fake, p8) = FakeApns::start_token_auth(&ca, APNS_TEAM_ID, APNS_KEY_ID).await;
+    let settings = |dedup: String| Settings {
+        apps: apns_app(APP, dir.path(), &fake, &ca, &p8, ""),
+        dedup: Some(dedup),
+        ..Settings::default()
+    };
+    let trusted = format!(
+        "{{ backend: redis, redis_url: \"{url}\", redis_ca_file: {}, redis_password_file: {} }}",
+        redis_ca.display(),
+        password.display()
+    );
+    let a = TestGateway::start(&settings(trusted.clone())).await;
+    let b = TestGateway::start(&settings(trusted)).await;
+    assert_eq!(store_state(&a).await, "up");
+    let (k, _) = token(7);
+    let body = message("$tls", &[(APP, &k)]);
+    assert_eq!(a.notify(&body).await.status, StatusCode::OK);
+    assert_eq!(b.notify(&body).await.status, StatusCode::OK);
+    assert_eq!(fake.request_count(), 1, "shared over TLS");
+
+    // Without the private CA the certificate is not trusted: Redis counts as down, and pushes
+    // still go out.
+    let untrusted = format!(
+        "{{ backend: redis, redis_url: \"{url}\", redis_password_file: {} }}",
+        password.display()
+    );
+    let c = TestGateway::start(&settings(untrusted)).await;
+    assert_eq!(store_state(&c).await, "down");
+    let r = c.notify(&message("$untrusted", &[(APP, &k)])).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.json);
+    assert_eq!(fake.request_count(), 2);
 }

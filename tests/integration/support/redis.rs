@@ -10,16 +10,54 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::tls::{TestCa, write_file};
+
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// Extra `redis-server` arguments (TLS, a password).
+    args: Vec<String>,
+    tls: bool,
+    /// Holds the TLS files.
+    dir_keep: Option<tempfile::TempDir>,
 }
 
 impl RedisServer {
     /// Starts a server on a free port, or `None` when `redis-server` is not installed (and not
     /// required).
     pub fn start() -> Option<RedisServer> {
+        RedisServer::start_with(Vec::new(), false)
+    }
+
+    /// A server that speaks only TLS (with the `localhost` certificate of `ca`) and requires
+    /// `password`.
+    pub fn start_tls(ca: &TestCa, password: &str) -> Option<RedisServer> {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = ca.server_pem();
+        let cert = write_file(dir.path(), "redis.crt", cert);
+        let key = write_file(dir.path(), "redis.key", key);
+        let ca_file = write_file(dir.path(), "ca.pem", ca.cert_pem());
+        let mut server = RedisServer::start_with(
+            vec![
+                "--tls-cert-file".into(),
+                cert.display().to_string(),
+                "--tls-key-file".into(),
+                key.display().to_string(),
+                "--tls-ca-cert-file".into(),
+                ca_file.display().to_string(),
+                "--tls-auth-clients".into(),
+                "no".into(),
+                "--requirepass".into(),
+                password.into(),
+            ],
+            true,
+        )?;
+        server.dir_keep = Some(dir);
+        Some(server)
+    }
+
+    fn start_with(args: Vec<String>, tls: bool) -> Option<RedisServer> {
         if Command::new("redis-server").arg("--version").output().is_err() {
             let required = std::env::var("HERALD_REQUIRE_REDIS").is_ok_and(|v| v == "1");
             assert!(!required, "redis-server is required here: apt-get install redis-server");
@@ -28,7 +66,14 @@ impl RedisServer {
         }
         // The kernel picks the port; it is free again once this listener is dropped.
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut server = RedisServer { port, child: None, dir: tempfile::tempdir().unwrap() };
+        let mut server = RedisServer {
+            port,
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            args,
+            tls,
+            dir_keep: None,
+        };
         server.resume();
         Some(server)
     }
@@ -49,8 +94,16 @@ impl RedisServer {
     /// answers PING.
     pub fn resume(&mut self) {
         assert!(self.child.is_none(), "already running");
+        let port = self.port.to_string();
+        let ports: [&str; 4] = if self.tls {
+            ["--port", "0", "--tls-port", &port]
+        } else {
+            ["--port", &port, "--tls-port", "0"]
+        };
         let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(ports)
+            .args(&self.args)
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -67,8 +120,12 @@ impl RedisServer {
         }
     }
 
+    /// Answers PING (plain) or accepts connections (TLS: a listening port is enough here).
     fn pings(&self) -> bool {
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else { return false };
+        if self.tls {
+            return true;
+        }
         let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
         let mut answer = [0u8; 7];
         s.write_all(b"PING\r\n").is_ok()

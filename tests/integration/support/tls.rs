@@ -31,6 +31,8 @@ pub struct TestCa {
     key: KeyPair,
     server_cert: CertificateDer<'static>,
     server_key_der: Vec<u8>,
+    /// The same server certificate and key, PEM encoded, for servers that read files.
+    server_pem: (String, String),
 }
 
 impl Default for TestCa {
@@ -66,6 +68,7 @@ impl TestCa {
         TestCa {
             server_cert: server_cert.der().clone(),
             server_key_der: server_key.serialize_der(),
+            server_pem: (server_cert.pem(), server_key.serialize_pem()),
             cert,
             key,
         }
@@ -74,6 +77,11 @@ impl TestCa {
     /// The CA certificate, PEM encoded (what the gateway is told to trust).
     pub fn cert_pem(&self) -> String {
         self.cert.pem()
+    }
+
+    /// The `localhost`/`127.0.0.1` server certificate and its key, PEM encoded.
+    pub fn server_pem(&self) -> (&str, &str) {
+        (&self.server_pem.0, &self.server_pem.1)
     }
 
     /// The CA certificate, DER encoded.
