@@ -3,6 +3,7 @@ mod cli;
 mod clients;
 mod dedup;
 mod demo;
+mod deploy;
 mod fakes_selftest;
 mod fcm;
 mod homeserver;
