@@ -226,3 +226,27 @@ async fn rediss_with_a_private_ca_and_a_password_file_is_shared_too() {
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.json);
     assert_eq!(fake.request_count(), 2);
 }
+
+#[tokio::test]
+async fn a_redis_that_stops_answering_costs_at_most_redis_timeout_and_pushes_go_on() {
+    let Some(redis) = RedisServer::start() else { return };
+    let p = pair(&redis.url()).await;
+    let (k, _) = token(8);
+    redis.freeze();
+    let started = Instant::now();
+    let r = p.a.notify(&message("$frozen", &[(APP, &k)])).await;
+    let took = started.elapsed();
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.json);
+    assert_eq!(p.fake.request_count(), 1);
+    // redis_timeout is 200 ms: the claim waited that long, no more (plus the send).
+    assert!(took >= Duration::from_millis(200), "did it ask Redis at all? {took:?}");
+    assert!(took < Duration::from_millis(1500), "waited {took:?}");
+    assert_eq!(store_state(&p.a).await, "down");
+    // Once down, pushes no longer wait for Redis at all.
+    let started = Instant::now();
+    let r = p.a.notify(&message("$frozen-2", &[(APP, &k)])).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.json);
+    assert!(started.elapsed() < Duration::from_millis(200), "waited {:?}", started.elapsed());
+    redis.thaw();
+    wait_for_store(&p.a, "up").await;
+}

@@ -90,6 +90,23 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open and nothing answers, as with a Redis
+    /// that is overloaded or behind a black-holing network.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a frozen server go on (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let status = Command::new("kill").args([signal, &pid]).status().expect("kill runs");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
     /// Starts the server again on the same port (empty: persistence is off) and waits until it
     /// answers PING.
     pub fn resume(&mut self) {
@@ -160,6 +177,12 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        if self.child.is_some() {
+            // SIGKILL ends a stopped process too; SIGCONT first is only belt and braces.
+            let _ = Command::new("kill")
+                .args(["-CONT", &self.child.as_ref().map_or(0, |c| c.id()).to_string()])
+                .status();
+        }
         self.stop();
     }
 }
