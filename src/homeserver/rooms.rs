@@ -89,8 +89,7 @@ fn evaluate_push(
     if targets.is_empty() {
         return Ok(());
     }
-    let power_levels = store::state_event(tx, room_id, "m.room.power_levels", "")?
-        .map(|e| PowerLevels::from_content(&e["content"]));
+    let power_levels = power_levels(tx, room_id)?;
     let flat = FlatEvent::new(event);
     for (user, display_name) in targets {
         let rules = hs.compiled_rules(tx, &user)?;
@@ -126,7 +125,13 @@ pub(crate) fn require_joined(conn: &Connection, room_id: &str, user_id: &str) ->
     }
 }
 
-/// The power level `user_id` needs to send `kind` (a state event when `state`).
+/// The room's power levels, or `None` before it has any (then nothing is restricted).
+fn power_levels(conn: &Connection, room_id: &str) -> ApiResult<Option<PowerLevels>> {
+    Ok(store::state_event(conn, room_id, "m.room.power_levels", "")?
+        .map(|e| PowerLevels::from_content(&e["content"])))
+}
+
+/// Sending `kind` (a state event when `state`) needs its level from the room's power levels.
 fn check_power(
     conn: &Connection,
     room_id: &str,
@@ -134,18 +139,8 @@ fn check_power(
     kind: &str,
     state: bool,
 ) -> ApiResult<()> {
-    let Some(pl) = store::state_event(conn, room_id, "m.room.power_levels", "")? else {
-        return Ok(());
-    };
-    let content = &pl["content"];
-    let int = |v: &Value, default: i64| v.as_i64().unwrap_or(default);
-    let needed = match content["events"].get(kind) {
-        Some(level) => int(level, 0),
-        None if state => int(&content["state_default"], 50),
-        None => int(&content["events_default"], 0),
-    };
-    let have =
-        content["users"].get(user_id).map_or(int(&content["users_default"], 0), |l| int(l, 0));
+    let Some(levels) = power_levels(conn, room_id)? else { return Ok(()) };
+    let (needed, have) = (levels.event_level(kind, state), levels.user_level(user_id));
     if have >= needed {
         Ok(())
     } else {
@@ -157,15 +152,8 @@ fn check_power(
 
 /// Inviting needs the room's `invite` power level (0 by default).
 fn check_invite_power(conn: &Connection, room_id: &str, user_id: &str) -> ApiResult<()> {
-    let Some(pl) = store::state_event(conn, room_id, "m.room.power_levels", "")? else {
-        return Ok(());
-    };
-    let content = &pl["content"];
-    let needed = content["invite"].as_i64().unwrap_or(0);
-    let have = content["users"]
-        .get(user_id)
-        .and_then(Value::as_i64)
-        .unwrap_or_else(|| content["users_default"].as_i64().unwrap_or(0));
+    let Some(levels) = power_levels(conn, room_id)? else { return Ok(()) };
+    let (needed, have) = (levels.invite, levels.user_level(user_id));
     if have >= needed {
         Ok(())
     } else {

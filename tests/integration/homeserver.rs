@@ -1649,6 +1649,33 @@ async fn inviting_needs_the_invite_power_level() {
 }
 
 #[tokio::test]
+async fn power_levels_are_read_one_way_for_events_and_invites() {
+    // Older room versions allow levels as strings holding an integer; every check must read
+    // them the same way (the event check once read "60" as 0 while the invite check did not).
+    let (_server, [alice, bob, carol, dave]) = users(["alice", "bob", "carol", "dave"]).await;
+    let room = public_room(&alice, &[&bob, &carol]).await;
+    let levels = json!({
+        "users": {&alice.user_id: 100, &bob.user_id: "60", &carol.user_id: {"not": "a level"}},
+        "users_default": 10, "invite": 60, "state_default": 60, "events_default": 0,
+        "events": {"m.room.power_levels": 100},
+    });
+    assert_ok(&alice.put(&room_path(&room, "/state/m.room.power_levels"), &levels).await);
+    let topic = json!({"topic": "bob may"});
+    assert_ok(&bob.put(&room_path(&room, "/state/m.room.topic"), &topic).await);
+    // carol's unusable entry counts as users_default (10): below both thresholds.
+    let denied = carol.put(&room_path(&room, "/state/m.room.topic"), &json!({"topic": "no"})).await;
+    assert_error(&denied, 403, "M_FORBIDDEN");
+    assert!(
+        denied.json["error"].as_str().unwrap_or_default().contains("has 10"),
+        "{}",
+        denied.json
+    );
+    let invite_dave = json!({"user_id": dave.user_id});
+    assert_error(&carol.post(&room_path(&room, "/invite"), &invite_dave).await, 403, "M_FORBIDDEN");
+    assert_ok(&bob.post(&room_path(&room, "/invite"), &invite_dave).await);
+}
+
+#[tokio::test]
 async fn invite_state_shows_the_invitee_only_their_own_membership() {
     let (_server, [alice, bob, carol]) = users(["alice", "bob", "carol"]).await;
     let body = json!({"name": "Party", "invite": [bob.user_id, carol.user_id]});

@@ -35,14 +35,20 @@ impl DisplayName {
     }
 }
 
-/// The parts of a room's `m.room.power_levels` content that `sender_notification_permission`
-/// reads.
+/// A room's `m.room.power_levels` content, read once with one rule for every level: what
+/// `sender_notification_permission` needs, and what the homeserver checks before an event or an
+/// invite.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PowerLevels {
     pub users: HashMap<String, i64>,
     pub users_default: i64,
     /// `notifications`: the level needed per kind of notification (`room` is 50 unless set).
     pub notifications: HashMap<String, i64>,
+    /// `events`: the level needed per event type.
+    pub events: HashMap<String, i64>,
+    pub events_default: i64,
+    pub state_default: i64,
+    pub invite: i64,
 }
 
 impl PowerLevels {
@@ -64,10 +70,25 @@ impl PowerLevels {
                 .map(|o| o.iter().filter_map(|(k, v)| Some((k.clone(), level(v)?))).collect())
                 .unwrap_or_default()
         };
+        let single =
+            |field: &str, default: i64| content.get(field).and_then(level).unwrap_or(default);
         PowerLevels {
             users: levels("users"),
-            users_default: content.get("users_default").and_then(level).unwrap_or(0),
+            users_default: single("users_default", 0),
             notifications: levels("notifications"),
+            events: levels("events"),
+            events_default: single("events_default", 0),
+            state_default: single("state_default", 50),
+            invite: single("invite", 0),
+        }
+    }
+
+    /// The level needed to send an event of type `kind` (a state event when `state`).
+    pub fn event_level(&self, kind: &str, state: bool) -> i64 {
+        match self.events.get(kind) {
+            Some(level) => *level,
+            None if state => self.state_default,
+            None => self.events_default,
         }
     }
 
