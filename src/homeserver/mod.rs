@@ -44,6 +44,9 @@ pub struct HomeserverConfig {
     pub allow_insecure_pushers: bool,
     /// One POST to a pusher's gateway.
     pub pusher_timeout: Duration,
+    /// Unacknowledged to-device messages one device may hold; a `sendToDevice` that would
+    /// pass it is refused whole (429), so a device that never syncs cannot fill the disk.
+    pub max_to_device_inbox: u64,
 }
 
 impl HomeserverConfig {
@@ -53,6 +56,7 @@ impl HomeserverConfig {
             db: db.into(),
             allow_insecure_pushers: false,
             pusher_timeout: Duration::from_secs(10),
+            max_to_device_inbox: 10_000,
         }
     }
 }

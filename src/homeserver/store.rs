@@ -846,6 +846,20 @@ pub fn insert_to_device(
     .map(drop)
 }
 
+/// How many unacknowledged to-device messages the device holds.
+pub fn to_device_inbox_len(
+    tx: &Transaction<'_>,
+    user_id: &str,
+    device_id: &str,
+) -> Result<u64, DbError> {
+    tx.query_row(
+        "SELECT COUNT(*) FROM to_device WHERE user_id = ?1 AND device_id = ?2",
+        params![user_id, device_id],
+        |row| row.get::<_, i64>(0),
+    )
+    .map(|n| u64::try_from(n).unwrap_or(0))
+}
+
 /// Deletes the device's messages up to `upto` (acknowledged by a sync with that token).
 pub fn ack_to_device(
     conn: &Connection,

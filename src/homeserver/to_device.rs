@@ -5,6 +5,8 @@
 //! A message is stored, durably, before the request is answered, and kept until acknowledged.
 //! A transaction id seen before from the same device stores nothing again. This server does
 //! not federate: a message for another server's user is refused as a whole, storing nothing.
+//! Neither is a request that would take a device past `max_to_device_inbox` unacknowledged
+//! messages (429 `M_LIMIT_EXCEEDED`, the transaction id stays unused so a retry can succeed).
 
 use rusqlite::Connection;
 use serde_json::{Map, Value};
@@ -55,6 +57,14 @@ pub fn send(
         // `*`. Unknown users and devices receive nothing, as on other homeservers.
         for device in store::devices(&tx, user_id)? {
             if let Some(content) = devices.get(&device).or_else(|| devices.get("*")) {
+                let limit = hs.config().max_to_device_inbox;
+                if store::to_device_inbox_len(&tx, user_id, &device)? >= limit {
+                    // Dropping `tx` rolls back every message stored so far and the txn claim.
+                    return Err(MatrixError::limit_exceeded(format!(
+                        "{user_id}'s device {device} already holds {limit} unread to-device \
+                         messages; retry after it syncs"
+                    )));
+                }
                 store::insert_to_device(&tx, user_id, &device, sender_user, kind, content)?;
                 stored += 1;
             }

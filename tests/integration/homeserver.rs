@@ -8,6 +8,7 @@
 
 use std::time::{Duration, Instant};
 
+use herald::homeserver::HomeserverConfig;
 use http::Method;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
@@ -1454,6 +1455,36 @@ async fn to_device_content_must_be_an_object() {
     assert_error(&reply, 400, "M_BAD_JSON");
     let missing = alice.put("/sendToDevice/m.test/t4", &json!({})).await;
     assert_error(&missing, 400, "M_MISSING_PARAM");
+}
+
+#[tokio::test]
+async fn a_full_to_device_inbox_refuses_the_whole_request_until_it_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = HomeserverConfig::new("test.local", dir.path().join("hs.db"));
+    config.max_to_device_inbox = 3;
+    let server = TestHomeserver::start_with(config).await;
+    let (alice, bob, carol) = (
+        server.register("alice").await,
+        server.register("bob").await,
+        server.register("carol").await,
+    );
+    for txn in ["t1", "t2", "t3"] {
+        assert_ok(&send_to_device(&alice, txn, json!({ &bob.user_id: {"*": {"n": txn}} })).await);
+    }
+    // carol's inbox has room, bob's has not: nothing is stored for either.
+    let both = json!({ &carol.user_id: {"*": {"n": "t4"}}, &bob.user_id: {"*": {"n": "t4"}} });
+    let refused = send_to_device(&alice, "t4", both.clone()).await;
+    assert_error(&refused, 429, "M_LIMIT_EXCEEDED");
+    assert!(to_device_events(&carol.sync(None, 0).await).is_empty(), "all or nothing");
+    // bob reads (a sync, then the next one acknowledges): the same transaction id now goes
+    // through, since the refused request used nothing up.
+    let first = bob.sync(None, 0).await;
+    assert_eq!(to_device_events(&first).len(), 3);
+    let acked = bob.sync(Some(&next_batch(&first)), 0).await;
+    assert!(to_device_events(&acked).is_empty());
+    assert_ok(&send_to_device(&alice, "t4", both).await);
+    assert_eq!(to_device_events(&carol.sync(None, 0).await).len(), 1);
+    assert_eq!(to_device_events(&bob.sync(Some(&next_batch(&acked)), 0).await).len(), 1);
 }
 
 #[tokio::test]

@@ -35,6 +35,10 @@ impl MatrixError {
     pub fn forbidden(error: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", error)
     }
+    pub fn limit_exceeded(error: impl Into<String>) -> Self {
+        MatrixError::new(StatusCode::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED", error)
+    }
+
     pub fn unrecognized() -> Self {
         Self::new(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", "unrecognized request")
     }
