@@ -63,8 +63,8 @@ impl App {
         let dispatcher = Dispatcher::new(&config, metrics.clone())?;
         // With a shared dedup store, start serving once it has answered (or failed to: pushes
         // never wait for it), so a reachable Redis deduplicates from the first request.
-        if let (Some(store), Some(redis)) = (dispatcher.dedup().shared(), &config.dedup.redis) {
-            store.settled(redis.timeout * 2).await;
+        if let Some(store) = dispatcher.dedup().shared() {
+            store.settled().await;
         }
         let state = AppState {
             dispatcher: Arc::new(dispatcher),

@@ -510,8 +510,9 @@ impl Checker<'_> {
                         self.invalid("dedup.redis_ca_file", "only used with rediss:// URLs")
                     );
                 }
-                self.ca_file("dedup.redis_ca_file", Some(path))?;
-                Some(self.read("dedup.redis_ca_file", path)?)
+                let pem = self.read("dedup.redis_ca_file", path)?;
+                self.pem_certs("dedup.redis_ca_file", &pem)?;
+                Some(pem)
             }
         };
         let timeout = self.duration(
@@ -529,8 +530,16 @@ impl Checker<'_> {
         path: Option<&Path>,
     ) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
         let Some(path) = path else { return Ok(Vec::new()) };
-        let pem = self.read(key, path)?;
-        let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        self.pem_certs(key, &self.read(key, path)?)
+    }
+
+    /// The certificates of a PEM file's contents; at least one.
+    fn pem_certs(
+        &self,
+        key: &str,
+        pem: &[u8],
+    ) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+        let certs = rustls_pemfile::certs(&mut &pem[..])
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.invalid(key, format!("bad PEM: {e}")))?;
         if certs.is_empty() {

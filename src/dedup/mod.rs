@@ -259,13 +259,7 @@ impl Dedup {
                 Claim::Owned(token) => guard.claim = Some(token),
                 Claim::Unavailable => {}
                 Claim::Known(outcome) => {
-                    let mut state = self.lock();
-                    state.inflight.remove(&key);
-                    guard.armed = false;
-                    let now = self.now_ms();
-                    self.remember(&mut state, &key, outcome, now);
-                    drop(state);
-                    tx.send_replace(Some(Ok(outcome)));
+                    self.conclude::<E>(&mut guard, &tx, Ok(outcome));
                     return Deduped::Known(outcome);
                 }
                 // The waiters here see the closed channel and try for themselves.
@@ -279,23 +273,32 @@ impl Dedup {
                 Err(_) => shared.release(&key, token).await,
             }
         }
-        let mut state = self.lock();
-        state.inflight.remove(&key);
-        guard.armed = false;
+        self.conclude(&mut guard, &tx, result.clone());
         match result {
-            Ok(outcome) => {
-                let now = self.now_ms();
-                self.remember(&mut state, &key, outcome, now);
-                drop(state);
-                tx.send_replace(Some(Ok(outcome)));
-                Deduped::Sent(outcome)
-            }
-            Err(e) => {
-                drop(state);
-                tx.send_replace(Some(Err(Arc::new(e.clone()))));
-                Deduped::Failed(e)
-            }
+            Ok(outcome) => Deduped::Sent(outcome),
+            Err(e) => Deduped::Failed(e),
         }
+    }
+
+    /// Ends this caller's lead on `guard.key`: a final outcome is remembered, the in-flight mark
+    /// cleared, and the waiting duplicates told.
+    fn conclude<E>(
+        &self,
+        guard: &mut InflightGuard<'_>,
+        tx: &watch::Sender<Option<Shared>>,
+        result: Result<Final, E>,
+    ) where
+        E: Send + Sync + 'static,
+    {
+        let mut state = self.lock();
+        state.inflight.remove(&guard.key);
+        guard.armed = false;
+        if let Ok(outcome) = &result {
+            let now = self.now_ms();
+            self.remember(&mut state, &guard.key, *outcome, now);
+        }
+        drop(state);
+        tx.send_replace(Some(result.map_err(|e| Arc::new(e) as Arc<dyn Any + Send + Sync>)));
     }
 }
 

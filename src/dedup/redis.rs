@@ -18,7 +18,6 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -109,8 +108,6 @@ struct Inner {
     up_gauge: Gauge,
     fallbacks: Counter,
     probe: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// Set once the store has been seen down, so "reachable again" is logged only after that.
-    was_down: AtomicBool,
 }
 
 impl Drop for Inner {
@@ -166,7 +163,6 @@ impl SharedStore {
             up_gauge: metrics.dedup_store_up(),
             fallbacks: metrics.dedup_store_fallbacks(),
             probe: std::sync::Mutex::new(None),
-            was_down: AtomicBool::new(false),
         });
         inner.up_gauge.set(0.0);
         let task = tokio::spawn(probe(Arc::downgrade(&inner), inner.went_down.clone()));
@@ -178,9 +174,11 @@ impl SharedStore {
         *self.inner.health.borrow()
     }
 
-    /// Waits until the first ping has been answered (or has failed), at most `limit`.
-    pub async fn settled(&self, limit: Duration) {
+    /// Waits until the first ping has been answered (or has failed): at most twice
+    /// `redis_timeout` (connecting, then the answer).
+    pub async fn settled(&self) {
         let mut rx = self.inner.health.subscribe();
+        let limit = self.inner.timeout * 2;
         let _ = tokio::time::timeout(limit, rx.wait_for(|h| *h != Health::Unknown)).await;
     }
 
@@ -283,7 +281,6 @@ impl Inner {
     fn mark_down(&self, why: &str) {
         let previous = self.health.send_replace(Health::Down);
         self.up_gauge.set(0.0);
-        self.was_down.store(true, Ordering::Relaxed);
         if previous != Health::Down {
             warn!(
                 reason = why,
@@ -296,12 +293,12 @@ impl Inner {
     fn mark_up(&self) {
         let previous = self.health.send_replace(Health::Up);
         self.up_gauge.set(1.0);
-        if previous != Health::Up {
-            if self.was_down.load(Ordering::Relaxed) {
-                info!("dedup store (Redis) reachable again: deduplicating across replicas");
-            } else {
-                info!("dedup store (Redis) reachable");
+        match previous {
+            Health::Up => {}
+            Health::Down => {
+                info!("dedup store (Redis) reachable again: deduplicating across replicas")
             }
+            Health::Unknown => info!("dedup store (Redis) reachable"),
         }
     }
 }

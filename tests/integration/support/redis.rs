@@ -15,19 +15,18 @@ use super::tls::{TestCa, write_file};
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    /// The server's working directory (and the TLS files, for a TLS server).
     dir: tempfile::TempDir,
     /// Extra `redis-server` arguments (TLS, a password).
     args: Vec<String>,
     tls: bool,
-    /// Holds the TLS files.
-    dir_keep: Option<tempfile::TempDir>,
 }
 
 impl RedisServer {
     /// Starts a server on a free port, or `None` when `redis-server` is not installed (and not
     /// required).
     pub fn start() -> Option<RedisServer> {
-        RedisServer::start_with(Vec::new(), false)
+        RedisServer::start_with(tempfile::tempdir().unwrap(), Vec::new(), false)
     }
 
     /// A server that speaks only TLS (with the `localhost` certificate of `ca`) and requires
@@ -38,7 +37,8 @@ impl RedisServer {
         let cert = write_file(dir.path(), "redis.crt", cert);
         let key = write_file(dir.path(), "redis.key", key);
         let ca_file = write_file(dir.path(), "ca.pem", ca.cert_pem());
-        let mut server = RedisServer::start_with(
+        RedisServer::start_with(
+            dir,
             vec![
                 "--tls-cert-file".into(),
                 cert.display().to_string(),
@@ -52,12 +52,10 @@ impl RedisServer {
                 password.into(),
             ],
             true,
-        )?;
-        server.dir_keep = Some(dir);
-        Some(server)
+        )
     }
 
-    fn start_with(args: Vec<String>, tls: bool) -> Option<RedisServer> {
+    fn start_with(dir: tempfile::TempDir, args: Vec<String>, tls: bool) -> Option<RedisServer> {
         if Command::new("redis-server").arg("--version").output().is_err() {
             let required = std::env::var("HERALD_REQUIRE_REDIS").is_ok_and(|v| v == "1");
             assert!(!required, "redis-server is required here: apt-get install redis-server");
@@ -66,14 +64,7 @@ impl RedisServer {
         }
         // The kernel picks the port; it is free again once this listener is dropped.
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut server = RedisServer {
-            port,
-            child: None,
-            dir: tempfile::tempdir().unwrap(),
-            args,
-            tls,
-            dir_keep: None,
-        };
+        let mut server = RedisServer { port, child: None, dir, args, tls };
         server.resume();
         Some(server)
     }
@@ -177,12 +168,7 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        if self.child.is_some() {
-            // SIGKILL ends a stopped process too; SIGCONT first is only belt and braces.
-            let _ = Command::new("kill")
-                .args(["-CONT", &self.child.as_ref().map_or(0, |c| c.id()).to_string()])
-                .status();
-        }
+        // SIGKILL ends a frozen (SIGSTOPped) server too.
         self.stop();
     }
 }
