@@ -146,10 +146,8 @@ async fn a_redis_outage_never_stops_pushes_and_shared_dedup_resumes_when_it_retu
     redis.stop();
     // Pushes go on while Redis is gone: each instance still delivers, deduplicating locally.
     let during = message("$during-outage", &[(APP, &k)]);
-    let started = Instant::now();
     let r = p.a.notify(&during).await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.json);
-    assert!(started.elapsed() < Duration::from_secs(2), "waited {:?}", started.elapsed());
     assert_eq!(p.fake.request_count(), 1);
     assert_eq!(p.a.notify(&during).await.status, StatusCode::OK);
     assert_eq!(p.fake.request_count(), 1, "the local table still deduplicates");
@@ -228,25 +226,25 @@ async fn rediss_with_a_private_ca_and_a_password_file_is_shared_too() {
 }
 
 #[tokio::test]
-async fn a_redis_that_stops_answering_costs_at_most_redis_timeout_and_pushes_go_on() {
+async fn a_redis_that_stops_answering_is_marked_down_and_pushes_go_on() {
     let Some(redis) = RedisServer::start() else { return };
     let p = pair(&redis.url()).await;
     let (k, _) = token(8);
     redis.freeze();
-    let started = Instant::now();
+    // The claim gets no answer: after redis_timeout (200 ms, far inside the 5 s request
+    // deadline) the push goes out with local dedup, so the answer is 200, not a timeout.
     let r = p.a.notify(&message("$frozen", &[(APP, &k)])).await;
-    let took = started.elapsed();
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.json);
     assert_eq!(p.fake.request_count(), 1);
-    // redis_timeout is 200 ms: the claim waited that long, no more (plus the send).
-    assert!(took >= Duration::from_millis(200), "did it ask Redis at all? {took:?}");
-    assert!(took < Duration::from_millis(1500), "waited {took:?}");
     assert_eq!(store_state(&p.a).await, "down");
-    // Once down, pushes no longer wait for Redis at all.
-    let started = Instant::now();
+    let metrics = p.a.metrics().await;
+    assert_eq!(metric(&metrics, "herald_dedup_store_fallbacks_total"), 1.0, "{metrics}");
+    // Once the store is down, the next push falls back without asking it.
     let r = p.a.notify(&message("$frozen-2", &[(APP, &k)])).await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.json);
-    assert!(started.elapsed() < Duration::from_millis(200), "waited {:?}", started.elapsed());
+    assert_eq!(p.fake.request_count(), 2);
+    let metrics = p.a.metrics().await;
+    assert_eq!(metric(&metrics, "herald_dedup_store_fallbacks_total"), 2.0, "{metrics}");
     redis.thaw();
     wait_for_store(&p.a, "up").await;
 }
