@@ -9,6 +9,7 @@
 //! Adapters never log key material, OAuth tokens, JWTs or full pushkeys (see [`pushkey_hash`]).
 
 pub mod apns;
+pub mod endpoint;
 pub mod fcm;
 pub mod http;
 pub mod log;
