@@ -29,7 +29,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tower::ServiceExt as _;
 use tracing::{debug, info, warn};
 
-use crate::config::Config;
+use crate::config::{AppKind, Config};
 use crate::dispatch::Dispatcher;
 use crate::metrics::Metrics;
 use crate::server::{self, AppState};
@@ -73,7 +73,17 @@ impl App {
             ready: Arc::new(AtomicBool::new(false)),
             request_deadline: config.request_deadline,
             max_body_bytes: config.max_body_bytes,
+            unifiedpush_gateway: config
+                .apps
+                .iter()
+                .any(|app| matches!(app.kind, AppKind::UnifiedPush(_))),
         };
+        for app in &config.apps {
+            if let AppKind::WebPush(web) = &app.kind {
+                // Public: web clients pass it to `pushManager.subscribe` as applicationServerKey.
+                info!(app = %app.pattern, vapid_public_key = %web.vapid.public_b64(), "webpush app");
+            }
+        }
         let main_router = server::router(state.clone(), config.admin_listen.is_none());
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();

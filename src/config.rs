@@ -154,6 +154,8 @@ pub struct AppConfig {
 pub enum AppKind {
     Apns(ApnsConfig),
     Fcm(FcmConfig),
+    WebPush(WebPushConfig),
+    UnifiedPush(UnifiedPushConfig),
     Log,
 }
 
@@ -216,6 +218,106 @@ impl fmt::Debug for FcmConfig {
             .field("android", &self.android)
             .field("send_badge_counts", &self.send_badge_counts)
             .finish()
+    }
+}
+
+/// A `webpush` app: RFC 8030 push services reached at each device's `data.endpoint`.
+#[derive(Clone)]
+pub struct WebPushConfig {
+    pub vapid: VapidKey,
+    /// `mailto:` or `https:` contact for push service operators (the JWT's `sub`).
+    pub vapid_subject: String,
+    pub endpoints: EndpointsConfig,
+}
+
+impl fmt::Debug for WebPushConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebPushConfig")
+            .field("vapid_public_key", &self.vapid.public_b64())
+            .field("vapid_subject", &self.vapid_subject)
+            .field("endpoints", &self.endpoints)
+            .finish()
+    }
+}
+
+/// A `unifiedpush` app: the pushkey is the device's UnifiedPush endpoint URL.
+#[derive(Debug, Clone)]
+pub struct UnifiedPushConfig {
+    pub endpoints: EndpointsConfig,
+}
+
+/// What `webpush` and `unifiedpush` apps share: endpoints come from devices, so they are vetted.
+#[derive(Clone)]
+pub struct EndpointsConfig {
+    /// Host globs (`*`, `?`) an endpoint must match; empty = any public host.
+    pub allowed_endpoints: Vec<String>,
+    /// Lets endpoints be `http://` and resolve to loopback or private addresses (tests only).
+    pub allow_internal_endpoints: bool,
+    /// The `TTL` header: how long the push service keeps an undelivered message.
+    pub ttl: Duration,
+    /// Extra trusted roots (from `ca_file`) for push services with a private CA.
+    pub extra_roots: Vec<CertificateDer<'static>>,
+    pub max_concurrency: usize,
+    /// Pushes in flight to one endpoint host, so one slow push service cannot take every slot.
+    pub max_concurrency_per_host: usize,
+}
+
+impl fmt::Debug for EndpointsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EndpointsConfig")
+            .field("allowed_endpoints", &self.allowed_endpoints)
+            .field("allow_internal_endpoints", &self.allow_internal_endpoints)
+            .field("ttl", &self.ttl)
+            .field("extra_roots", &self.extra_roots.len())
+            .field("max_concurrency", &self.max_concurrency)
+            .field("max_concurrency_per_host", &self.max_concurrency_per_host)
+            .finish()
+    }
+}
+
+/// A VAPID (RFC 8292) P-256 key pair, read from `vapid_private_key_file`.
+#[derive(Clone)]
+pub struct VapidKey {
+    /// The 32-byte private scalar.
+    private: Arc<[u8]>,
+    /// The 65-byte uncompressed public point: what browsers take as `applicationServerKey`.
+    public: Arc<[u8]>,
+}
+
+impl VapidKey {
+    /// Reads a PEM P-256 private key: SEC1 (`EC PRIVATE KEY`, what `openssl ecparam -genkey`
+    /// writes) or PKCS#8 (`PRIVATE KEY`).
+    pub fn from_pem(pem: &[u8]) -> Result<VapidKey, String> {
+        use p256::elliptic_curve::sec1::ToEncodedPoint as _;
+        use p256::pkcs8::DecodePrivateKey as _;
+        let secret = match rustls_pemfile::private_key(&mut &pem[..]) {
+            Ok(Some(PrivateKeyDer::Sec1(der))) => p256::SecretKey::from_sec1_der(der.secret_sec1_der()),
+            Ok(Some(PrivateKeyDer::Pkcs8(der))) => {
+                p256::SecretKey::from_pkcs8_der(der.secret_pkcs8_der())
+                    .map_err(|_| p256::elliptic_curve::Error)
+            }
+            _ => return Err("no EC PRIVATE KEY or PRIVATE KEY block found".into()),
+        }
+        .map_err(|_| "not a P-256 private key (generate one with `openssl ecparam -name prime256v1 -genkey -noout`)".to_owned())?;
+        let public = secret.public_key().to_encoded_point(false);
+        Ok(VapidKey {
+            private: secret.to_bytes().to_vec().into(),
+            public: public.as_bytes().to_vec().into(),
+        })
+    }
+
+    pub fn private_scalar(&self) -> &[u8] {
+        &self.private
+    }
+
+    pub fn public_point(&self) -> &[u8] {
+        &self.public
+    }
+
+    /// The public key as browsers want it for `pushManager.subscribe`: base64url, no padding.
+    pub fn public_b64(&self) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&self.public)
     }
 }
 
@@ -300,8 +402,30 @@ enum RawApp {
     Apns(RawApns),
     Fcm(RawFcm),
     Log(RawLogApp),
-    Webpush(serde::de::IgnoredAny),
-    Unifiedpush(serde::de::IgnoredAny),
+    Webpush(RawEndpointApp),
+    Unifiedpush(RawEndpointApp),
+}
+
+/// `type: webpush` and `type: unifiedpush`; the `vapid_*` keys are webpush's only.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpointApp {
+    #[serde(default)]
+    vapid_private_key_file: Option<PathBuf>,
+    #[serde(default)]
+    vapid_subject: Option<String>,
+    #[serde(default)]
+    allowed_endpoints: Option<Vec<String>>,
+    #[serde(default)]
+    allow_internal_endpoints: bool,
+    #[serde(default)]
+    ttl: Option<String>,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+    #[serde(default = "default_concurrency")]
+    max_concurrency: usize,
+    #[serde(default = "default_concurrency_per_host")]
+    max_concurrency_per_host: usize,
 }
 
 #[derive(Deserialize)]
@@ -358,6 +482,9 @@ fn yes() -> bool {
 fn default_concurrency() -> usize {
     512
 }
+fn default_concurrency_per_host() -> usize {
+    64
+}
 
 /// Upper bounds. Larger values pass serde but overflow timers (`Instant + Duration` panics),
 /// or pre-allocate absurd amounts, long after `check-config` said OK.
@@ -369,6 +496,8 @@ const MAX_DEDUP_TTL: Duration = Duration::from_secs(30 * 24 * 60 * 60);
 /// 50 million entries is 1.2 GB of address space at most.
 const MAX_DEDUP_ENTRIES: u64 = 50_000_000;
 const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
+/// The longest `TTL` push services keep a message (FCM and autopush cap at four weeks).
+const MAX_PUSH_TTL: Duration = Duration::from_secs(28 * 24 * 60 * 60);
 
 const APNS_PRODUCTION: &str = "https://api.push.apple.com";
 const APNS_SANDBOX: &str = "https://api.sandbox.push.apple.com";
@@ -683,11 +812,22 @@ impl Config {
                 RawApp::Apns(a) => AppKind::Apns(apns(&check, &key, a)?),
                 RawApp::Fcm(f) => AppKind::Fcm(fcm(&check, &key, f)?),
                 RawApp::Log(RawLogApp {}) => AppKind::Log,
-                RawApp::Webpush(_) | RawApp::Unifiedpush(_) => {
-                    return Err(check.invalid(
-                        format!("{key}.type"),
-                        "webpush and unifiedpush are not available in this build yet",
-                    ));
+                RawApp::Webpush(w) => AppKind::WebPush(webpush(&check, &key, w)?),
+                RawApp::Unifiedpush(u) => {
+                    for (field, set) in [
+                        ("vapid_private_key_file", u.vapid_private_key_file.is_some()),
+                        ("vapid_subject", u.vapid_subject.is_some()),
+                    ] {
+                        if set {
+                            return Err(check.invalid(
+                                format!("{key}.{field}"),
+                                "only used with type: webpush (UnifiedPush endpoints take no VAPID)",
+                            ));
+                        }
+                    }
+                    AppKind::UnifiedPush(UnifiedPushConfig {
+                        endpoints: endpoints(&check, &key, u)?,
+                    })
                 }
             };
             apps.push(AppConfig { pattern, kind });
@@ -893,6 +1033,78 @@ fn fcm(check: &Checker<'_>, key: &str, raw: RawFcm) -> Result<FcmConfig, ConfigE
     })
 }
 
+fn webpush(
+    check: &Checker<'_>,
+    key: &str,
+    raw: RawEndpointApp,
+) -> Result<WebPushConfig, ConfigError> {
+    let field = format!("{key}.vapid_private_key_file");
+    let Some(path) = &raw.vapid_private_key_file else {
+        return Err(check
+            .invalid(&field, "required with type: webpush (a P-256 key in PEM; see the README)"));
+    };
+    let vapid =
+        VapidKey::from_pem(&check.read(&field, path)?).map_err(|e| check.invalid(&field, e))?;
+    let subject = raw.vapid_subject.as_deref().unwrap_or_default().trim();
+    let contact = subject.strip_prefix("mailto:").or_else(|| subject.strip_prefix("https://"));
+    if contact.is_none_or(str::is_empty) {
+        return Err(check.invalid(
+            format!("{key}.vapid_subject"),
+            "must be a mailto: or https:// contact, e.g. \"mailto:ops@example.com\"",
+        ));
+    }
+    Ok(WebPushConfig {
+        vapid,
+        vapid_subject: subject.to_owned(),
+        endpoints: endpoints(check, key, raw)?,
+    })
+}
+
+fn endpoints(
+    check: &Checker<'_>,
+    key: &str,
+    raw: RawEndpointApp,
+) -> Result<EndpointsConfig, ConfigError> {
+    let allowed_endpoints = match raw.allowed_endpoints {
+        None => Vec::new(),
+        Some(globs) if globs.is_empty() => {
+            return Err(check.invalid(
+                format!("{key}.allowed_endpoints"),
+                "lists no host; leave it out to allow any public host",
+            ));
+        }
+        Some(globs) => {
+            for glob in &globs {
+                let host_like = !glob.is_empty()
+                    && glob.chars().all(|c| c.is_ascii_alphanumeric() || "-.*?:[]".contains(c));
+                if !host_like {
+                    return Err(check.invalid(
+                        format!("{key}.allowed_endpoints"),
+                        format!("{glob:?} is not a host glob (e.g. \"*.push.services.mozilla.com\"; no scheme, port or path)"),
+                    ));
+                }
+            }
+            globs
+        }
+    };
+    let ttl = check.duration(&format!("{key}.ttl"), raw.ttl.as_deref(), "15m", MAX_PUSH_TTL)?;
+    check.count(&format!("{key}.max_concurrency"), raw.max_concurrency, 1, MAX_APP_CONCURRENCY)?;
+    check.count(
+        &format!("{key}.max_concurrency_per_host"),
+        raw.max_concurrency_per_host,
+        1,
+        MAX_APP_CONCURRENCY,
+    )?;
+    Ok(EndpointsConfig {
+        allowed_endpoints,
+        allow_internal_endpoints: raw.allow_internal_endpoints,
+        ttl,
+        extra_roots: check.ca_file(&format!("{key}.ca_file"), raw.ca_file.as_deref())?,
+        max_concurrency: raw.max_concurrency,
+        max_concurrency_per_host: raw.max_concurrency_per_host,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1083,6 +1295,80 @@ mod tests {
         );
         std::fs::write(dir.join("k.p8"), pem).unwrap();
         dir
+    }
+
+    #[test]
+    fn webpush_reads_sec1_and_pkcs8_vapid_keys_and_checks_its_settings() {
+        let dir = p8_dir("webpush");
+        let sec1 = include_str!("../tests/fixtures/vapid-sec1.pem");
+        std::fs::write(dir.join("vapid.pem"), sec1).unwrap();
+        let yaml = |key: &str, extra: &str| {
+            format!(
+                "apps:\n  web:\n    type: webpush\n    vapid_private_key_file: {key}\n    vapid_subject: \"mailto:ops@example.com\"\n{extra}"
+            )
+        };
+        let load = |key: &str, extra: &str| Config::from_yaml(&yaml(key, extra), "g.yaml", &dir);
+        let web = |c: Config| match c.apps.into_iter().next().unwrap().kind {
+            AppKind::WebPush(w) => w,
+            _ => unreachable!(),
+        };
+        let from_sec1 = web(load("vapid.pem", "").unwrap());
+        // The key openssl wrote, whose public half `openssl ec -pubout` printed.
+        assert_eq!(
+            from_sec1.vapid.public_b64(),
+            "BPzZ7CCq2uo2NqJB-ujuFdH3AnDziseX-laazbo-idv-4QXkSrKl4NWV1cNJ9SIlnwOVdCb-YdRJCEZvB5bZ7oU"
+        );
+        assert_eq!(from_sec1.endpoints.ttl, Duration::from_secs(15 * 60));
+        assert!(from_sec1.endpoints.allowed_endpoints.is_empty());
+        assert!(!from_sec1.endpoints.allow_internal_endpoints);
+        assert!(!format!("{from_sec1:?}").contains("private"), "{from_sec1:?}");
+        let from_pkcs8 =
+            web(load("k.p8", "    ttl: 1h\n    allowed_endpoints: [\"*.example.org\"]\n").unwrap());
+        assert_eq!(from_pkcs8.vapid.public_point().len(), 65);
+        assert_eq!(from_pkcs8.endpoints.ttl, Duration::from_secs(3600));
+
+        let err = |key: &str, extra: &str| load(key, extra).unwrap_err().to_string();
+        let e = err("missing.pem", "");
+        assert!(e.contains("apps.web.vapid_private_key_file") && e.contains("missing.pem"), "{e}");
+        std::fs::write(dir.join("not-a-key.pem"), "hello").unwrap();
+        let e = err("not-a-key.pem", "");
+        assert!(e.contains("apps.web.vapid_private_key_file"), "{e}");
+        let e = err("vapid.pem", "    allowed_endpoints: []\n");
+        assert!(e.contains("apps.web.allowed_endpoints"), "{e}");
+        let e = err("vapid.pem", "    allowed_endpoints: [\"https://push.example.org/\"]\n");
+        assert!(e.contains("apps.web.allowed_endpoints") && e.contains("host glob"), "{e}");
+        let e = err("vapid.pem", "    ttl: 60d\n");
+        assert!(e.contains("apps.web.ttl"), "{e}");
+        let e = err("vapid.pem", "    max_concurrency_per_host: 0\n");
+        assert!(e.contains("apps.web.max_concurrency_per_host"), "{e}");
+        let e = err("vapid.pem", "    allowed_endpoint: [\"x\"]\n");
+        assert!(e.contains("allowed_endpoint"), "a typo is named: {e}");
+        let bad_subject = "apps:\n  web:\n    type: webpush\n    vapid_private_key_file: vapid.pem\n    vapid_subject: ops@example.com\n";
+        let e = Config::from_yaml(bad_subject, "g.yaml", &dir).unwrap_err().to_string();
+        assert!(e.contains("apps.web.vapid_subject") && e.contains("mailto:"), "{e}");
+        let no_key = "apps:\n  web:\n    type: webpush\n    vapid_subject: \"mailto:a@b\"\n";
+        let e = Config::from_yaml(no_key, "g.yaml", &dir).unwrap_err().to_string();
+        assert!(e.contains("apps.web.vapid_private_key_file") && e.contains("required"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unifiedpush_needs_no_keys_and_refuses_vapid_ones() {
+        let c = parse(
+            "apps:\n  \"*.up\":\n    type: unifiedpush\n    allow_internal_endpoints: true\n",
+        )
+        .unwrap();
+        match &c.apps[0].kind {
+            AppKind::UnifiedPush(u) => {
+                assert!(u.endpoints.allow_internal_endpoints);
+                assert_eq!(u.endpoints.max_concurrency_per_host, 64);
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = parse("apps:\n  up:\n    type: unifiedpush\n    vapid_subject: \"mailto:a@b\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("apps.up.vapid_subject") && e.contains("webpush"), "{e}");
     }
 
     #[test]

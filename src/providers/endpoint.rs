@@ -7,28 +7,55 @@
 //! the address check at connect time, so a DNS answer that changes after `check` (rebinding)
 //! still cannot reach an internal address.
 //!
+//! [`EndpointClient`] is the transport `webpush` and `unifiedpush` share: it vets each endpoint,
+//! bounds the pushes in flight per endpoint host (so one slow push service cannot take every
+//! slot of the app) and maps the push service's answer (DESIGN §3), re-sending a shortened
+//! message once after a 413.
+//!
 //! This module must never let a refused endpoint be connected to: herald is no open proxy into
 //! the operator's network. It never logs or returns the full URL (it is as secret as a pushkey):
 //! a [`Refusal`] names the host at most.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 use std::{fmt, io};
 
-use http::Uri;
+use bytes::Bytes;
 use http::uri::Scheme;
+use http::{Request, StatusCode, Uri};
+use http_body_util::Full;
 use hyper_util::client::legacy::connect::dns::Name;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wildmatch::WildMatch;
 
+use super::http::{HttpClient, Protocol, exchange};
+use super::{AppLabels, Outcome, retry_after};
+use crate::config::{EndpointsConfig, ProxyConfig};
+use crate::metrics::Metrics;
+
+/// How long a host's vetted addresses are trusted before it is resolved again.
+const VERDICT_TTL: Duration = Duration::from_secs(60);
+/// Hosts whose verdicts are remembered; past this the memory starts over.
+const MAX_VERDICTS: usize = 4096;
+/// Idle per-host limiters kept before the idle ones are dropped.
+const MAX_IDLE_HOSTS: usize = 1024;
+
 /// Which endpoints an app may push to: `allowed_endpoints` and `allow_internal_endpoints`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct EndpointPolicy {
     /// Host globs (`*`, `?`), lower-cased; empty means any host.
     allowed: Vec<WildMatch>,
     allow_internal: bool,
+    verdicts: Mutex<Verdicts>,
 }
+
+/// `(host, port)` → when it was resolved, and its addresses or why they were refused.
+type Verdicts = HashMap<(String, u16), (Instant, Result<Vec<SocketAddr>, Refusal>)>;
 
 /// Why an endpoint was refused. No variant holds more of the URL than its host.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -65,7 +92,7 @@ impl fmt::Debug for Checked {
 impl EndpointPolicy {
     pub fn new(allowed_endpoints: &[String], allow_internal: bool) -> EndpointPolicy {
         let allowed = allowed_endpoints.iter().map(|g| WildMatch::new(&g.to_lowercase())).collect();
-        EndpointPolicy { allowed, allow_internal }
+        EndpointPolicy { allowed, allow_internal, verdicts: Mutex::new(HashMap::new()) }
     }
 
     /// The resolver to build this app's `HttpConnector` with.
@@ -96,14 +123,191 @@ impl EndpointPolicy {
         }
         let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
         let addrs = match host.parse::<IpAddr>() {
-            Ok(ip) => vec![SocketAddr::new(ip, port)],
-            Err(_) => resolve(&host, port).await?,
+            Ok(ip) => self.vet(&host, vec![SocketAddr::new(ip, port)])?,
+            Err(_) => self.resolve_vetted(&host, port).await?,
         };
-        if !self.allow_internal && addrs.iter().any(|a| is_internal(a.ip())) {
-            return Err(Refusal::Internal { host });
-        }
         Ok(Checked { uri, host, addrs })
     }
+
+    fn vet(&self, host: &str, addrs: Vec<SocketAddr>) -> Result<Vec<SocketAddr>, Refusal> {
+        if !self.allow_internal && addrs.iter().any(|a| is_internal(a.ip())) {
+            return Err(Refusal::Internal { host: host.to_owned() });
+        }
+        Ok(addrs)
+    }
+
+    /// Resolves and vets a host name, reusing a verdict younger than [`VERDICT_TTL`]. A name
+    /// that does not resolve is asked again next time: that may pass.
+    async fn resolve_vetted(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, Refusal> {
+        let key = (host.to_owned(), port);
+        if let Some((at, verdict)) = self.verdicts().get(&key)
+            && at.elapsed() < VERDICT_TTL
+        {
+            return verdict.clone();
+        }
+        let verdict = self.vet(host, resolve(host, port).await?);
+        let mut verdicts = self.verdicts();
+        if verdicts.len() >= MAX_VERDICTS {
+            verdicts.clear();
+        }
+        verdicts.insert(key, (Instant::now(), verdict.clone()));
+        verdict
+    }
+
+    fn verdicts(&self) -> std::sync::MutexGuard<'_, Verdicts> {
+        self.verdicts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Bounds the pushes in flight to each endpoint host.
+struct HostLimits {
+    per_host: usize,
+    hosts: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl HostLimits {
+    /// Waits for a slot of `host`; `None` only if the limiter was closed (it never is).
+    async fn acquire(&self, host: &str) -> Option<OwnedSemaphorePermit> {
+        let limiter = {
+            let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+            if hosts.len() >= MAX_IDLE_HOSTS && !hosts.contains_key(host) {
+                // A limiter nobody holds or waits on is only referenced by the map.
+                hosts.retain(|_, limiter| Arc::strong_count(limiter) > 1);
+            }
+            hosts
+                .entry(host.to_owned())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.per_host)))
+                .clone()
+        };
+        limiter.acquire_owned().await.ok()
+    }
+}
+
+/// Which message a request builder should make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Size {
+    Full,
+    /// The push service refused the full message as too large (413).
+    Shortened,
+}
+
+/// The shared transport of `webpush` and `unifiedpush`; see the module doc.
+pub struct EndpointClient {
+    client: HttpClient,
+    policy: EndpointPolicy,
+    hosts: HostLimits,
+    app: Semaphore,
+    labels: AppLabels,
+    metrics: Arc<Metrics>,
+}
+
+/// One exchange's result: final, or a 413 the caller may answer with a shorter message.
+enum Exchanged {
+    Done(Outcome),
+    TooLarge,
+}
+
+impl EndpointClient {
+    pub fn new(
+        config: &EndpointsConfig,
+        proxy: Option<&ProxyConfig>,
+        labels: AppLabels,
+        metrics: Arc<Metrics>,
+    ) -> Result<EndpointClient, String> {
+        let policy =
+            EndpointPolicy::new(&config.allowed_endpoints, config.allow_internal_endpoints);
+        let client = super::http::client_with(
+            &config.extra_roots,
+            proxy,
+            None,
+            Protocol::Any,
+            policy.resolver(),
+        )?;
+        Ok(EndpointClient {
+            client,
+            policy,
+            hosts: HostLimits {
+                per_host: config.max_concurrency_per_host,
+                hosts: Mutex::new(HashMap::new()),
+            },
+            app: Semaphore::new(config.max_concurrency),
+            labels,
+            metrics,
+        })
+    }
+
+    /// One attempt: vets `endpoint` (a refusal makes no request), waits for a slot of its host
+    /// and of the app, then POSTs what `build` makes of it; after a 413, once more with
+    /// [`Size::Shortened`].
+    pub async fn post<F>(&self, endpoint: &str, build: F) -> Outcome
+    where
+        F: Fn(&Checked, Size) -> Result<Request<Full<Bytes>>, String>,
+    {
+        let started = Instant::now();
+        let checked = match self.policy.check(endpoint).await {
+            Ok(checked) => checked,
+            Err(refusal) => {
+                self.metrics.upstream(&self.labels, "refused", started.elapsed());
+                return match refusal {
+                    Refusal::Unresolvable { .. } => {
+                        Outcome::Retry { after: None, reason: refusal.to_string() }
+                    }
+                    _ => Outcome::Failed(refusal.to_string()),
+                };
+            }
+        };
+        let Some(_host) = self.hosts.acquire(&checked.host).await else {
+            return Outcome::Failed("provider is shutting down".into());
+        };
+        let Ok(_app) = self.app.acquire().await else {
+            return Outcome::Failed("provider is shutting down".into());
+        };
+        match self.exchange(&checked, &build, Size::Full).await {
+            Exchanged::Done(outcome) => outcome,
+            Exchanged::TooLarge => match self.exchange(&checked, &build, Size::Shortened).await {
+                Exchanged::Done(outcome) => outcome,
+                Exchanged::TooLarge => {
+                    Outcome::Failed("push service answered 413 to the shortened message too".into())
+                }
+            },
+        }
+    }
+
+    async fn exchange<F>(&self, checked: &Checked, build: &F, size: Size) -> Exchanged
+    where
+        F: Fn(&Checked, Size) -> Result<Request<Full<Bytes>>, String>,
+    {
+        let request = match build(checked, size) {
+            Ok(request) => request,
+            Err(why) => return Exchanged::Done(Outcome::Failed(why)),
+        };
+        let started = Instant::now();
+        let answer = match exchange(&self.client, request).await {
+            Ok(answer) => answer,
+            Err(why) => {
+                self.metrics.upstream(&self.labels, "error", started.elapsed());
+                return Exchanged::Done(Outcome::Retry { after: None, reason: why });
+            }
+        };
+        self.metrics.upstream(&self.labels, answer.status.as_str(), started.elapsed());
+        match map_status(answer.status, retry_after(&answer.headers)) {
+            Some(outcome) => Exchanged::Done(outcome),
+            None => Exchanged::TooLarge,
+        }
+    }
+}
+
+/// Maps a push service's answer (DESIGN §3); `None` for 413, which the caller may answer with a
+/// shorter message.
+pub fn map_status(status: StatusCode, after: Option<Duration>) -> Option<Outcome> {
+    let described = || format!("push service answered {}", status.as_u16());
+    Some(match status.as_u16() {
+        200..=299 => Outcome::Delivered,
+        404 | 410 => Outcome::Rejected(described()),
+        413 => return None,
+        429 | 500..=599 => Outcome::Retry { after, reason: described() },
+        _ => Outcome::Failed(described()),
+    })
 }
 
 async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, Refusal> {

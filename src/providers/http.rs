@@ -23,6 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpStream;
 
+use super::endpoint::GuardedResolver;
 use crate::config::{ProxyConfig, Upstream};
 
 /// The client type shared by all adapters.
@@ -68,23 +69,31 @@ pub fn tls_config(
     }
 }
 
-/// Builds a pooled client for `upstream`.
+/// Builds a pooled client for an operator-configured `upstream` (any address is fine).
 pub fn client(
     upstream: &Upstream,
     proxy: Option<&ProxyConfig>,
     identity: Option<ClientIdentity<'_>>,
     protocol: Protocol,
 ) -> Result<HttpClient, String> {
-    let tls = tls_config(&upstream.extra_roots, identity)?;
-    let mut tcp = HttpConnector::new();
-    tcp.enforce_http(false);
-    tcp.set_nodelay(true);
-    tcp.set_connect_timeout(Some(Duration::from_secs(10)));
-    tcp.set_keepalive(Some(Duration::from_secs(60)));
+    client_with(&upstream.extra_roots, proxy, identity, protocol, GuardedResolver::new(true))
+}
+
+/// Builds a pooled client whose direct connections resolve names through `resolver`; for
+/// endpoints that come from devices, one that refuses internal addresses. Through a `proxy`,
+/// the proxy resolves the upstream's name (and the proxy's own address is the operator's).
+pub fn client_with(
+    extra_roots: &[CertificateDer<'static>],
+    proxy: Option<&ProxyConfig>,
+    identity: Option<ClientIdentity<'_>>,
+    protocol: Protocol,
+    resolver: GuardedResolver,
+) -> Result<HttpClient, String> {
+    let tls = tls_config(extra_roots, identity)?;
     let inner = match proxy {
-        None => UpstreamConnector::Direct(tcp),
+        None => UpstreamConnector::Direct(tuned(HttpConnector::new_with_resolver(resolver))),
         Some(p) => {
-            let mut tunnel = Tunnel::new(p.uri.clone(), tcp);
+            let mut tunnel = Tunnel::new(p.uri.clone(), tuned(HttpConnector::new()));
             if let Some(auth) = &p.authorization {
                 tunnel = tunnel.with_auth(auth.clone());
             }
@@ -110,10 +119,18 @@ pub fn client(
     Ok(client.build(connector))
 }
 
+fn tuned<R>(mut tcp: HttpConnector<R>) -> HttpConnector<R> {
+    tcp.enforce_http(false);
+    tcp.set_nodelay(true);
+    tcp.set_connect_timeout(Some(Duration::from_secs(10)));
+    tcp.set_keepalive(Some(Duration::from_secs(60)));
+    tcp
+}
+
 /// TCP straight to the upstream, or through a CONNECT tunnel.
 #[derive(Clone)]
 pub enum UpstreamConnector {
-    Direct(HttpConnector),
+    Direct(HttpConnector<GuardedResolver>),
     Tunnel(Tunnel<HttpConnector>),
 }
 

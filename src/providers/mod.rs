@@ -1,4 +1,5 @@
-//! Provider adapters: a closed enum over APNs, FCM HTTP v1 and the `log` provider.
+//! Provider adapters: a closed enum over APNs, FCM HTTP v1, WebPush, UnifiedPush and the `log`
+//! provider.
 //!
 //! Each adapter owns one pooled HTTP client aimed at a base URL from config, so tests and
 //! benchmarks point it at loopback fakes. Turning a notification into a request
@@ -14,6 +15,8 @@ pub mod fcm;
 pub mod http;
 pub mod log;
 pub mod oauth;
+pub mod unifiedpush;
+pub mod webpush;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,6 +54,8 @@ pub enum Skip {
 pub enum Prepared {
     Apns(apns::ApnsRequest),
     Fcm(fcm::FcmRequest),
+    WebPush(webpush::WebPushRequest),
+    UnifiedPush(unifiedpush::UnifiedPushRequest),
     Log(log::LogRequest),
 }
 
@@ -60,6 +65,8 @@ pub enum Prepared {
 pub enum Provider {
     Apns(apns::Apns),
     Fcm(fcm::Fcm),
+    WebPush(webpush::WebPush),
+    UnifiedPush(unifiedpush::UnifiedPush),
     Log(log::LogProvider),
 }
 
@@ -105,15 +112,24 @@ impl Provider {
             AppKind::Fcm(c) => {
                 Provider::Fcm(fcm::Fcm::new(c, proxy, labels("fcm"), metrics.clone()).map_err(err)?)
             }
+            AppKind::WebPush(c) => Provider::WebPush(
+                webpush::WebPush::new(c, proxy, labels("webpush"), metrics.clone()).map_err(err)?,
+            ),
+            AppKind::UnifiedPush(c) => Provider::UnifiedPush(
+                unifiedpush::UnifiedPush::new(c, proxy, labels("unifiedpush"), metrics.clone())
+                    .map_err(err)?,
+            ),
             AppKind::Log => Provider::Log(log::LogProvider::new(labels("log"))),
         })
     }
 
-    /// `apns`, `fcm` or `log`: the `provider` metric label.
+    /// `apns`, `fcm`, `webpush`, `unifiedpush` or `log`: the `provider` metric label.
     pub fn name(&self) -> &'static str {
         match self {
             Provider::Apns(_) => "apns",
             Provider::Fcm(_) => "fcm",
+            Provider::WebPush(_) => "webpush",
+            Provider::UnifiedPush(_) => "unifiedpush",
             Provider::Log(_) => "log",
         }
     }
@@ -123,6 +139,8 @@ impl Provider {
         match self {
             Provider::Apns(p) => p.prepare(n, d).map(Prepared::Apns),
             Provider::Fcm(p) => p.prepare(n, d).map(Prepared::Fcm),
+            Provider::WebPush(p) => p.prepare(n, d).map(Prepared::WebPush),
+            Provider::UnifiedPush(p) => p.prepare(n, d).map(Prepared::UnifiedPush),
             Provider::Log(p) => Ok(Prepared::Log(p.prepare(n, d))),
         }
     }
@@ -132,6 +150,8 @@ impl Provider {
         match (self, request) {
             (Provider::Apns(p), Prepared::Apns(r)) => p.send(r).await,
             (Provider::Fcm(p), Prepared::Fcm(r)) => p.send(r).await,
+            (Provider::WebPush(p), Prepared::WebPush(r)) => p.send(r).await,
+            (Provider::UnifiedPush(p), Prepared::UnifiedPush(r)) => p.send(r).await,
             (Provider::Log(p), Prepared::Log(r)) => p.send(r),
             _ => Outcome::Failed("internal error: request prepared for another provider".into()),
         }

@@ -2,6 +2,8 @@
 //!
 //! Routes (DESIGN §3):
 //! - `POST /_matrix/push/v1/notify` — the Push Gateway API ([`notify`]);
+//! - `GET /_matrix/push/v1/notify` — UnifiedPush gateway discovery, when a `unifiedpush` app is
+//!   configured (otherwise 405 like any wrong method);
 //! - `GET /health`, `GET /ready` — on every listener ([`admin`]);
 //! - `GET /metrics` — Prometheus text, on the admin listener (or the main one when shared);
 //! - anything else: 404 `M_UNRECOGNIZED`; a known path with the wrong method: 405
@@ -44,12 +46,19 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     pub request_deadline: Duration,
     pub max_body_bytes: usize,
+    /// A `unifiedpush` app is configured: answer the UnifiedPush discovery GET.
+    pub unifiedpush_gateway: bool,
 }
 
 /// The notify listener's routes (plus `/metrics` when `with_metrics`, i.e. no admin listener).
 pub fn router(state: AppState, with_metrics: bool) -> Router {
+    let notify = if state.unifiedpush_gateway {
+        only(post(notify::notify).get(notify::discovery), "GET, HEAD, POST")
+    } else {
+        only(post(notify::notify), "POST")
+    };
     let routes = Router::new()
-        .route(NOTIFY_PATH, only(post(notify::notify), "POST"))
+        .route(NOTIFY_PATH, notify)
         .route("/health", only(get(admin::health), "GET, HEAD"))
         .route("/ready", only(get(admin::ready), "GET, HEAD"));
     let routes = if with_metrics {

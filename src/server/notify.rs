@@ -25,6 +25,12 @@ use crate::notification::{self, NotifyResponse, ParseError};
 /// send a few kilobytes at once; only a stalled or malicious client takes longer.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// `GET /_matrix/push/v1/notify` with a `unifiedpush` app configured: UnifiedPush's gateway
+/// discovery, which tells a distributor that herald is a Matrix gateway.
+pub async fn discovery() -> Response {
+    Json(serde_json::json!({ "unifiedpush": { "gateway": "matrix" } })).into_response()
+}
+
 pub async fn notify(State(state): State<AppState>, request: Request) -> Response {
     let started = Instant::now();
     let response = match handle(&state, request, started).await {
