@@ -3,8 +3,11 @@
 //! APNs) and by gcp_auth for the Google token flow. They prove the fakes speak
 //! the protocols before any gateway test relies on them.
 
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -16,6 +19,11 @@ use serde_json::{Value, json};
 
 use crate::support::fake_apns::{FakeApns, Reply, sign_provider_token};
 use crate::support::fake_fcm::{FCM_SCOPE, FakeFcm, FcmReply, JWT_BEARER_GRANT, sign_assertion};
+use crate::support::fake_webpush::{
+    DEFAULT_MAX_BODY, FakeDistributor, FakePushService, PushReply, Subscription, VAPID_SEC1_PEM,
+    decrypt_aes128gcm, public_key_b64_of_sec1, sign_es256_jwt, sign_vapid_jwt, vapid_authorization,
+    vapid_key,
+};
 use crate::support::server::{FakeServer, unix_now};
 use crate::support::tls::TestCa;
 
@@ -441,4 +449,393 @@ async fn raw_reset_server_resets_connections() {
     let err = send(&client, req).await.err().expect("reset server must fail");
     eprintln!("raw reset -> {err:?}");
     assert_eq!(server.connections_accepted(), 1);
+}
+
+// ---------------------------------------------------------------------------
+// Web Push service and UnifiedPush distributor
+
+const VAPID_SUBJECT: &str = "mailto:ops@example.com";
+
+/// `plaintext` encrypted for `sub` the way herald does it (web-push-native).
+fn encrypt_for(sub: &Subscription, plaintext: &[u8]) -> Vec<u8> {
+    let p256dh = URL_SAFE_NO_PAD.decode(&sub.p256dh).unwrap();
+    let ua_public = p256::PublicKey::from_sec1_bytes(&p256dh).unwrap();
+    let auth = web_push_native::Auth::clone_from_slice(&URL_SAFE_NO_PAD.decode(&sub.auth).unwrap());
+    web_push_native::encrypt(plaintext.to_vec(), &ua_public, &auth).unwrap()
+}
+
+/// A VAPID `Authorization` value signed with `pem` for `aud`, valid for an hour.
+fn vapid_for(pem: &str, public: &str, aud: &str) -> String {
+    vapid_authorization(&sign_vapid_jwt(pem, aud, unix_now() + 3600, VAPID_SUBJECT), public)
+}
+
+fn webpush_request(endpoint: &str, authorization: &str, body: Vec<u8>) -> Request<Full<Bytes>> {
+    Request::post(endpoint)
+        .header("authorization", authorization)
+        .header("ttl", "60")
+        .header("urgency", "high")
+        .header("topic", "room-1")
+        .header("content-encoding", "aes128gcm")
+        .header("content-type", "application/octet-stream")
+        .body(Full::from(body))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn webpush_decrypts_the_rfc8291_example() {
+    // RFC 8291 Appendix A (also web-push-native's own test vector).
+    let body = URL_SAFE_NO_PAD
+        .decode(
+            "DGv6ra1nlYgDCS1FRnbzlwAAEABBBP4z9KsN6nGRTbVYI_c7VJSPQTBtkgcy27mlmlMoZIIgDll6e3vCYLoc\
+             InmYWAmS6TlzAC8wEqKK6PBru3jl7A_yl95bQpu6cVPTpK4Mqgkf1CXztLVBSt2Ks3oZwbuwXPXLWyouBWLV\
+             WGNWQexSgSxsj_Qulcy4a-fN",
+        )
+        .unwrap();
+    let auth = URL_SAFE_NO_PAD.decode("BTBZMqHH6r4Tts7J_aSIgg").unwrap();
+    let ua_private = URL_SAFE_NO_PAD.decode("q1dXpw3UpT5VOmu_cf_v6ih07Aems3njxI-JWgLcM94").unwrap();
+    let ua_secret = p256::SecretKey::from_slice(&ua_private).unwrap();
+
+    let plaintext = decrypt_aes128gcm(&body, &ua_secret, &auth).unwrap();
+    assert_eq!(plaintext, b"When I grow up, I want to be a watermelon");
+
+    let mut tampered = body.clone();
+    *tampered.last_mut().unwrap() ^= 1;
+    assert!(decrypt_aes128gcm(&tampered, &ua_secret, &auth).is_err());
+    assert!(decrypt_aes128gcm(&body, &ua_secret, &[0; 16]).is_err());
+}
+
+#[tokio::test]
+async fn webpush_accepts_an_encrypted_vapid_signed_push_over_tls() {
+    let ca = TestCa::new();
+    let (pem, public) = vapid_key();
+    assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"));
+    let push = FakePushService::start(Some(&ca), &public, VAPID_SUBJECT).await;
+    assert!(push.url().starts_with("https://127.0.0.1:"));
+    let sub = push.subscribe();
+    assert_eq!(sub.endpoint, format!("{}/push/{}", push.url(), sub.id));
+    assert_eq!(URL_SAFE_NO_PAD.decode(&sub.p256dh).unwrap().len(), 65);
+    assert_eq!(URL_SAFE_NO_PAD.decode(&sub.auth).unwrap().len(), 16);
+
+    let client = h2_tls_client(&ca, None);
+    let message = json!({ "event_id": "$e", "room_id": "!r:example.org" });
+    let body = encrypt_for(&sub, message.to_string().as_bytes());
+    let answer =
+        send(&client, webpush_request(&sub.endpoint, &vapid_for(&pem, &public, &push.url()), body))
+            .await
+            .unwrap();
+    assert_eq!(answer.status, StatusCode::CREATED);
+    assert_eq!(answer.headers["location"], "/message/1");
+    assert_eq!(answer.headers["ttl"], "60");
+
+    let recorded = push.wait_for_requests(1, WAIT).await;
+    let r = &recorded[0];
+    assert_eq!(r.id, sub.id);
+    assert_eq!(r.status, 201);
+    assert_eq!(r.json(), Some(message));
+    assert_eq!((r.ttl(), r.urgency(), r.topic()), (Some(60), Some("high"), Some("room-1")));
+    assert_eq!(r.alpn.as_deref(), Some(&b"h2"[..]));
+    let claims = r.claims.as_ref().unwrap();
+    assert_eq!(claims["aud"], push.url());
+    assert_eq!(claims["sub"], VAPID_SUBJECT);
+    assert_eq!(push.max_in_flight(), 1);
+    assert_eq!(push.in_flight(), 0);
+}
+
+#[tokio::test]
+async fn webpush_refuses_bad_vapid_headers_and_bodies() {
+    let (pem, public) = vapid_key();
+    let push = FakePushService::start(None, &public, VAPID_SUBJECT).await;
+    let sub = push.subscribe();
+    let client = http_client();
+    let good_auth = vapid_for(&pem, &public, &push.url());
+    let body = || encrypt_for(&sub, b"{\"n\":1}");
+    // A refusal must not use up a scripted reply.
+    push.respond(&sub.id, vec![PushReply::status(500)]);
+
+    let (other_pem, other_public) = vapid_key();
+    let now = unix_now();
+    let jwt = |aud: &str, exp: u64, subject: &str| sign_vapid_jwt(&pem, aud, exp, subject);
+    let alg_none = sign_es256_jwt(
+        &pem,
+        &json!({ "typ": "JWT", "alg": "none" }),
+        &json!({ "aud": push.url(), "exp": now + 60, "sub": VAPID_SUBJECT }),
+    );
+    // (what, Authorization, status, words of the refusal message)
+    let bad_auths = [
+        ("missing", String::new(), 401, "missing Authorization"),
+        (
+            "not vapid",
+            format!("Bearer {}", jwt(&push.url(), now + 60, VAPID_SUBJECT)),
+            401,
+            "is not `vapid",
+        ),
+        ("wrong aud", vapid_for(&pem, &public, "http://127.0.0.1:1"), 401, "aud"),
+        (
+            "expired",
+            vapid_authorization(&jwt(&push.url(), now - 1, VAPID_SUBJECT), &public),
+            401,
+            "exp has passed",
+        ),
+        (
+            "too far ahead",
+            vapid_authorization(&jwt(&push.url(), now + 25 * 3600, VAPID_SUBJECT), &public),
+            401,
+            "24 hours",
+        ),
+        (
+            "wrong sub",
+            vapid_authorization(&jwt(&push.url(), now + 60, "mailto:x@y"), &public),
+            401,
+            "sub",
+        ),
+        ("wrong k", vapid_for(&other_pem, &other_public, &push.url()), 403, "applicationServerKey"),
+        ("bad signature", vapid_for(&other_pem, &public, &push.url()), 401, "signature"),
+        ("alg none", vapid_authorization(&alg_none, &public), 401, "ES256"),
+    ];
+    for (what, authorization, status, words) in &bad_auths {
+        let mut req = webpush_request(&sub.endpoint, authorization, body());
+        if authorization.is_empty() {
+            req.headers_mut().remove("authorization");
+        }
+        let answer = send(&client, req).await.unwrap();
+        assert_eq!(answer.status.as_u16(), *status, "{what}: {:?}", answer.body);
+        let error = answer.json();
+        assert_eq!(error["code"], *status, "{what}");
+        let message = error["message"].as_str().unwrap();
+        assert!(message.contains(words), "{what}: {message}");
+    }
+    let claims = push.requests().last().unwrap().claims.clone();
+    assert_eq!(claims, None, "claims are recorded only once the signature verified");
+
+    let mut no_ttl = webpush_request(&sub.endpoint, &good_auth, body());
+    no_ttl.headers_mut().remove("ttl");
+    let mut bad_ttl = webpush_request(&sub.endpoint, &good_auth, body());
+    bad_ttl.headers_mut().insert("ttl", "-1".parse().unwrap());
+    let mut aesgcm = webpush_request(&sub.endpoint, &good_auth, body());
+    aesgcm.headers_mut().insert("content-encoding", "aesgcm".parse().unwrap());
+    let mut corrupted = body();
+    *corrupted.last_mut().unwrap() ^= 0x55;
+    let corrupted = webpush_request(&sub.endpoint, &good_auth, corrupted);
+    for (what, req, status, words) in [
+        ("no TTL", no_ttl, 400, "TTL"),
+        ("negative TTL", bad_ttl, 400, "TTL"),
+        ("aesgcm", aesgcm, 415, "aes128gcm"),
+        ("corrupted ciphertext", corrupted, 400, "decrypt"),
+    ] {
+        let answer = send(&client, req).await.unwrap();
+        assert_eq!(answer.status.as_u16(), status, "{what}: {:?}", answer.body);
+        let message = answer.json()["message"].as_str().unwrap().to_owned();
+        assert!(message.contains(words), "{what}: {message}");
+    }
+
+    push.set_max_body(200);
+    let oversized = encrypt_for(&sub, &[b'x'; 300]);
+    let answer =
+        send(&client, webpush_request(&sub.endpoint, &good_auth, oversized)).await.unwrap();
+    assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
+    push.set_max_body(DEFAULT_MAX_BODY);
+
+    let unknown = format!("{}/push/no-such-id", push.url());
+    let answer = send(&client, webpush_request(&unknown, &good_auth, body())).await.unwrap();
+    assert_eq!(answer.status, StatusCode::NOT_FOUND);
+
+    assert_eq!(push.pending_replies(), 1);
+    assert_eq!(push.in_flight(), 0);
+    assert_eq!(push.max_in_flight(), 0, "refused requests are never in flight");
+
+    // The scripted reply is still there for the first valid push; then 201.
+    let answer = send(&client, webpush_request(&sub.endpoint, &good_auth, body())).await.unwrap();
+    assert_eq!(answer.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let answer = send(&client, webpush_request(&sub.endpoint, &good_auth, body())).await.unwrap();
+    assert_eq!(answer.status, StatusCode::CREATED);
+
+    push.unsubscribe(&sub.id);
+    let answer = send(&client, webpush_request(&sub.endpoint, &good_auth, body())).await.unwrap();
+    assert_eq!(answer.status, StatusCode::GONE);
+
+    let recorded = push.requests();
+    let statuses: Vec<u16> = recorded.iter().map(|r| r.status).collect();
+    assert_eq!(
+        statuses,
+        [401, 401, 401, 401, 401, 401, 403, 401, 401, 400, 400, 415, 400, 413, 404, 500, 201, 410]
+    );
+    assert_eq!(recorded[2].claims.as_ref().unwrap()["aud"], "http://127.0.0.1:1");
+    assert_eq!(recorded[12].plaintext, None, "corrupted body is not decrypted");
+    assert_eq!(recorded[16].json(), Some(json!({ "n": 1 })));
+}
+
+#[tokio::test]
+async fn webpush_scripted_replies_come_back_in_order() {
+    let (pem, public) = vapid_key();
+    let push = FakePushService::start(None, &public, VAPID_SUBJECT).await;
+    let sub = push.subscribe();
+    let other = push.subscribe();
+    let client = http_client();
+    let auth = vapid_for(&pem, &public, &push.url());
+    push.respond(
+        &sub.id,
+        vec![
+            PushReply::retry_after(429, 7),
+            PushReply::status(404),
+            PushReply::Delay(Duration::from_millis(20)),
+            PushReply::Reset,
+        ],
+    );
+    assert_eq!(push.pending_replies(), 4);
+    let req = |s: &Subscription| webpush_request(&s.endpoint, &auth, encrypt_for(s, b"hi"));
+
+    let answer = send(&client, req(&sub)).await.unwrap();
+    assert_eq!(answer.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(answer.headers["retry-after"], "7");
+    let answer = send(&client, req(&other)).await.unwrap();
+    assert_eq!(answer.status, StatusCode::CREATED, "other subscriptions are not scripted");
+    let answer = send(&client, req(&sub)).await.unwrap();
+    assert_eq!(answer.status, StatusCode::NOT_FOUND);
+    let answer = send(&client, req(&sub)).await.unwrap();
+    assert_eq!(answer.status, StatusCode::CREATED);
+    let err = send(&client, req(&sub)).await.err().expect("reset must fail the request");
+    eprintln!("Web Push Reset -> {err:?}");
+    let answer = send(&client, req(&sub)).await.unwrap();
+    assert_eq!(answer.status, StatusCode::CREATED);
+
+    let statuses: Vec<u16> = push.requests().iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [429, 201, 404, 201, 0, 201]);
+    assert_eq!(push.pending_replies(), 0);
+    push.clear_requests();
+    assert_eq!(push.request_count(), 0);
+}
+
+#[tokio::test]
+async fn webpush_hold_and_release_show_concurrent_requests() {
+    let (pem, public) = vapid_key();
+    let push = FakePushService::start(None, &public, VAPID_SUBJECT).await;
+    let (a, b) = (push.subscribe(), push.subscribe());
+    let client = http_client();
+    let auth = vapid_for(&pem, &public, &push.url());
+    let req = |s: &Subscription| webpush_request(&s.endpoint, &auth, encrypt_for(s, b"hi"));
+
+    push.hold();
+    let (first, second, ()) = tokio::join!(send(&client, req(&a)), send(&client, req(&b)), async {
+        push.wait_for_in_flight(2, WAIT).await;
+        assert_eq!(push.in_flight(), 2);
+        assert_eq!(push.request_count(), 2, "held requests are already recorded");
+        push.release();
+    });
+    assert_eq!(first.unwrap().status, StatusCode::CREATED);
+    assert_eq!(second.unwrap().status, StatusCode::CREATED);
+    assert_eq!(push.max_in_flight(), 2);
+    assert_eq!(push.in_flight(), 0);
+
+    // Released for good: later requests are not held.
+    let answer = send(&client, req(&a)).await.unwrap();
+    assert_eq!(answer.status, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn webpush_and_distributor_on_a_second_loopback_address() {
+    let second: IpAddr = "127.0.0.2".parse().unwrap();
+    let (pem, public) = vapid_key();
+    let push = FakePushService::start_on(second, None, &public, VAPID_SUBJECT).await;
+    assert!(push.url().starts_with("http://127.0.0.2:"));
+    let sub = push.subscribe();
+    assert!(sub.endpoint.starts_with("http://127.0.0.2:"));
+    let client = http_client();
+
+    let wrong_host = push.url().replace("127.0.0.2", "127.0.0.1");
+    for (aud, status) in [(wrong_host, 401), (push.url(), 201)] {
+        let auth = vapid_for(&pem, &public, &aud);
+        let answer = send(&client, webpush_request(&sub.endpoint, &auth, encrypt_for(&sub, b"x")))
+            .await
+            .unwrap();
+        assert_eq!(answer.status.as_u16(), status, "aud {aud}");
+    }
+
+    let up = FakeDistributor::start_on(second, None).await;
+    assert!(up.endpoint("t").starts_with("http://127.0.0.2:"));
+}
+
+#[test]
+fn vapid_key_helpers() {
+    let (pem, public) = vapid_key();
+    assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"));
+    let point = URL_SAFE_NO_PAD.decode(&public).unwrap();
+    assert_eq!((point.len(), point[0]), (65, 0x04));
+
+    assert!(VAPID_SEC1_PEM.starts_with("-----BEGIN EC PRIVATE KEY-----"));
+    let sec1_public = URL_SAFE_NO_PAD.decode(public_key_b64_of_sec1(VAPID_SEC1_PEM)).unwrap();
+    assert_eq!((sec1_public.len(), sec1_public[0]), (65, 0x04));
+}
+
+fn up_request(endpoint: &str, body: impl Into<Bytes>) -> Request<Full<Bytes>> {
+    Request::post(endpoint)
+        .header("content-type", "application/json")
+        .body(Full::new(body.into()))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn distributor_records_bodies_limits_and_unsubscribes() {
+    let ca = TestCa::new();
+    let up = FakeDistributor::start(Some(&ca)).await;
+    assert!(up.url().starts_with("https://127.0.0.1:"));
+    let endpoint = up.endpoint("topic-1");
+    assert_eq!(endpoint, format!("{}/up/topic-1", up.url()));
+    let client = h2_tls_client(&ca, None);
+    let message = json!({ "notification": { "event_id": "$e", "counts": { "unread": 2 } } });
+
+    let answer = send(&client, up_request(&endpoint, message.to_string())).await.unwrap();
+    assert_eq!(answer.status, StatusCode::CREATED);
+    // Any id is a valid topic by default.
+    let answer =
+        send(&client, up_request(&format!("{}/up/anything", up.url()), "{}")).await.unwrap();
+    assert_eq!(answer.status, StatusCode::CREATED);
+
+    up.set_max_body(64);
+    let answer = send(&client, up_request(&endpoint, vec![b'x'; 65])).await.unwrap();
+    assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
+    up.set_max_body(DEFAULT_MAX_BODY);
+
+    up.respond("topic-1", vec![PushReply::retry_after(503, 3)]);
+    let answer = send(&client, up_request(&endpoint, "{}")).await.unwrap();
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(answer.headers["retry-after"], "3");
+    assert_eq!(up.pending_replies(), 0);
+
+    up.forget_unknown(true);
+    let answer =
+        send(&client, up_request(&format!("{}/up/stranger", up.url()), "{}")).await.unwrap();
+    assert_eq!(answer.status, StatusCode::NOT_FOUND);
+
+    up.unsubscribe("topic-1");
+    let answer = send(&client, up_request(&endpoint, "{}")).await.unwrap();
+    assert_eq!(answer.status, StatusCode::GONE);
+
+    let recorded = up.wait_for_requests(6, WAIT).await;
+    let statuses: Vec<u16> = recorded.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [201, 201, 413, 503, 404, 410]);
+    assert_eq!(recorded[0].id, "topic-1");
+    assert_eq!(recorded[0].json(), Some(message));
+    assert_eq!(recorded[0].header("content-type"), Some("application/json"));
+    assert_eq!(recorded[0].alpn.as_deref(), Some(&b"h2"[..]));
+    assert_eq!(recorded[2].body.len(), 65);
+    assert_eq!(recorded[2].json(), None);
+}
+
+#[tokio::test]
+async fn distributor_hold_and_release_show_concurrent_requests() {
+    let up = FakeDistributor::start(None).await;
+    let client = http_client();
+    up.hold();
+    let (first, second, ()) = tokio::join!(
+        send(&client, up_request(&up.endpoint("a"), "{}")),
+        send(&client, up_request(&up.endpoint("b"), "{}")),
+        async {
+            up.wait_for_in_flight(2, WAIT).await;
+            up.release();
+        }
+    );
+    assert_eq!(first.unwrap().status, StatusCode::CREATED);
+    assert_eq!(second.unwrap().status, StatusCode::CREATED);
+    assert_eq!(up.max_in_flight(), 2);
+    assert_eq!(up.in_flight(), 0);
 }

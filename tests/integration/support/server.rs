@@ -122,6 +122,23 @@ impl FakeServer {
         Self::start_inner(router, tls, Protocols::Http2Only).await
     }
 
+    /// Like [`FakeServer::start`] but binds `addr`, e.g. `127.0.0.2:0` for a
+    /// second, distinct loopback host; `url()` then names that address.
+    pub async fn start_on(
+        addr: SocketAddr,
+        router: Router,
+        tls: Option<Arc<ServerConfig>>,
+    ) -> FakeServer {
+        let listener = TcpListener::bind(addr).await.unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        let addr = listener.local_addr().expect("local_addr");
+        let stats = Arc::new(Stats::default());
+        let is_tls = tls.is_some();
+        let acceptor = tls.map(TlsAcceptor::from);
+        let task =
+            tokio::spawn(accept_loop(listener, router, acceptor, Protocols::Auto, stats.clone()));
+        FakeServer { addr, tls: is_tls, stats, task }
+    }
+
     /// A server that accepts TCP connections and immediately resets them
     /// (RST, before any TLS or HTTP byte). `url()` is `http://…`.
     pub async fn start_raw_reset() -> FakeServer {
