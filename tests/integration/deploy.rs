@@ -59,9 +59,11 @@ async fn check_with_secrets(what: &str, config: &str) -> Vec<String> {
     let fcm = FakeFcm::start().await;
     for (key, path) in &files {
         let contents = match key.as_str() {
-            "key_file" => rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-                .unwrap()
-                .serialize_pem(),
+            "key_file" | "vapid_private_key_file" => {
+                rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+                    .unwrap()
+                    .serialize_pem()
+            }
             "cert_file" => {
                 let (cert, key) = ca.issue_client_cert("deploy");
                 format!("{cert}{key}")
@@ -80,6 +82,12 @@ async fn check_with_secrets(what: &str, config: &str) -> Vec<String> {
     assert_eq!(code, 0, "{what}: {stderr}");
     let ok = format!("{}: OK (", good.display());
     assert!(stdout.starts_with(&ok), "{what}: {stdout}");
+    if files.iter().any(|(key, _)| key == "vapid_private_key_file") {
+        // The web client's applicationServerKey: base64url of a 65-byte uncompressed point.
+        let printed =
+            stdout.lines().find_map(|l| l.split_once(": VAPID public key ")).map(|(_, k)| k);
+        assert!(printed.is_some_and(|k| k.len() == 87 && k.starts_with('B')), "{what}: {stdout}");
+    }
 
     let broken = write_file(dir.path(), "broken.yaml", format!("{config}\nnot_a_herald_key: 1\n"));
     let (code, _, stderr) = check_config(broken).await;
@@ -109,7 +117,7 @@ async fn production_example_is_valid() {
     let keys =
         check_with_secrets("gateway.production.yaml", &read(&deploy("gateway.production.yaml")))
             .await;
-    for key in ["key_file", "cert_file", "service_account_file"] {
+    for key in ["key_file", "cert_file", "service_account_file", "vapid_private_key_file"] {
         assert!(keys.iter().any(|k| k == key), "{key} is exercised: {keys:?}");
     }
 }

@@ -19,10 +19,10 @@ use serde_json::{Value, json};
 
 use crate::support::fake_apns::{FakeApns, Reply, sign_provider_token};
 use crate::support::fake_fcm::{FCM_SCOPE, FakeFcm, FcmReply, JWT_BEARER_GRANT, sign_assertion};
+use crate::support::fake_unifiedpush::FakeDistributor;
 use crate::support::fake_webpush::{
-    DEFAULT_MAX_BODY, FakeDistributor, FakePushService, PushReply, Subscription, VAPID_SEC1_PEM,
-    decrypt_aes128gcm, public_key_b64_of_sec1, sign_es256_jwt, sign_vapid_jwt, vapid_authorization,
-    vapid_key,
+    DEFAULT_MAX_BODY, FakePushService, PushReply, Subscription, VAPID_SEC1_PEM, decrypt_aes128gcm,
+    public_key_b64_of_sec1, sign_es256_jwt, sign_vapid_jwt, vapid_authorization, vapid_key,
 };
 use crate::support::server::{FakeServer, unix_now};
 use crate::support::tls::TestCa;

@@ -14,3 +14,5 @@ mod pushrules_cli;
 mod pushrules_ruma;
 mod redis_dedup;
 mod support;
+mod unifiedpush;
+mod webpush;

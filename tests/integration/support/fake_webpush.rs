@@ -1,5 +1,6 @@
-//! Loopback fakes of the services herald's `webpush` and `unifiedpush`
-//! providers send to, plus the VAPID key helpers their tests need.
+//! A loopback fake of the Web Push service herald's `webpush` provider sends
+//! to, the VAPID key helpers its tests need, and the plumbing it shares with
+//! the UnifiedPush distributor fake in [`super::fake_unifiedpush`].
 //!
 //! **[`FakePushService`]** is an RFC 8030 push service (like Mozilla autopush or
 //! FCM's web push endpoint). [`FakePushService::subscribe`] plays the browser:
@@ -28,22 +29,19 @@
 //! [`PushReply`] for their id ([`FakePushService::respond`]) or 201 Created with
 //! `Location: /message/N`.
 //!
-//! **[`FakeDistributor`]** is a UnifiedPush distributor's push server (like
-//! ntfy): `POST /up/{id}` accepts any id as a topic, refuses unsubscribed ids
-//! (410) and bodies over `max_body` (413), then answers the next scripted
-//! [`PushReply`] or 201 Created.
-//!
-//! Both fakes record every request reaching their route, refused ones too.
-//! Requests that pass the checks are counted as in flight until answered (see
-//! `max_in_flight`) and wait while the fake is held (`hold`/`release`), for
-//! concurrency-limit tests. Both listen on `127.0.0.1:0`, or with `start_on` on
+//! Both fakes (this one and
+//! [`FakeDistributor`](super::fake_unifiedpush::FakeDistributor)) record every
+//! request reaching their route, refused ones too. Requests that pass the
+//! checks are counted as in flight until answered (see `max_in_flight`) and
+//! wait while the fake is held (`hold`/`release`), for concurrency-limit
+//! tests. Both listen on `127.0.0.1:0`, or with `start_on` on
 //! another loopback address such as `127.0.0.2`; with TLS they present the test
 //! CA's certificate, which is valid for `127.0.0.1` and `localhost` only, and
 //! offer ALPN `h2` and `http/1.1`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -54,7 +52,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use p256::elliptic_curve::rand_core::{OsRng, RngCore};
 use p256::elliptic_curve::sec1::ToEncodedPoint;
@@ -72,7 +69,7 @@ pub const DEFAULT_MAX_BODY: usize = 4096;
 /// How far ahead a VAPID `exp` may lie (RFC 8292 §2).
 const MAX_VAPID_LIFETIME: u64 = 24 * 60 * 60;
 /// Bodies are read up to this size; a larger one is refused with 413 at once.
-const READ_LIMIT: usize = 1 << 20;
+pub(super) const READ_LIMIT: usize = 1 << 20;
 /// A test-only SEC1 (`-----BEGIN EC PRIVATE KEY-----`) P-256 key made by openssl.
 pub const VAPID_SEC1_PEM: &str = include_str!("../../fixtures/vapid-sec1.pem");
 
@@ -365,13 +362,6 @@ async fn handle_push(
     state.common.answer(&id, |status| RecordedPush { status, ..record }, created).await
 }
 
-/// A refused request: status and the message naming the failed check.
-struct Refusal(u16, String);
-
-fn refuse(status: u16, message: impl Into<String>) -> Refusal {
-    Refusal(status, message.into())
-}
-
 /// The push service's checks, in the order of the module docs.
 fn check_push(
     state: &PushState,
@@ -571,204 +561,25 @@ pub fn decrypt_aes128gcm(
 }
 
 // ---------------------------------------------------------------------------
-// FakeDistributor
+// Shared with `FakeDistributor` in `fake_unifiedpush`
 
-/// One request to `POST /up/{id}` as the fake distributor saw it.
-#[derive(Clone, Debug)]
-pub struct RecordedUp {
-    pub id: String,
-    /// Status the fake answered; 0 for [`PushReply::Reset`].
-    pub status: u16,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-    /// ALPN negotiated on the connection (`Some(b"h2")`), `None` without TLS.
-    pub alpn: Option<Vec<u8>>,
-    /// Which connection it came on (1 = first accepted).
-    pub conn_id: u64,
+/// A refused request: status and the message naming the failed check.
+pub(super) struct Refusal(pub(super) u16, pub(super) String);
+
+pub(super) fn refuse(status: u16, message: impl Into<String>) -> Refusal {
+    Refusal(status, message.into())
 }
-
-impl RecordedUp {
-    /// The body parsed as JSON (`None` if it is not JSON).
-    pub fn json(&self) -> Option<Value> {
-        serde_json::from_slice(&self.body).ok()
-    }
-
-    /// A request header as a string (`None` if absent or not UTF-8).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-}
-
-struct UpState {
-    /// Ids handed out by [`FakeDistributor::endpoint`].
-    known: Mutex<HashSet<String>>,
-    gone: Mutex<HashSet<String>>,
-    forget_unknown: AtomicBool,
-    common: Common<RecordedUp>,
-}
-
-/// A running fake UnifiedPush distributor; see the module docs.
-pub struct FakeDistributor {
-    server: FakeServer,
-    state: Arc<UpState>,
-}
-
-impl FakeDistributor {
-    /// Starts on `127.0.0.1:<ephemeral>`, with TLS from `tls` when given.
-    pub async fn start(tls: Option<&TestCa>) -> FakeDistributor {
-        Self::start_on(IpAddr::V4(Ipv4Addr::LOCALHOST), tls).await
-    }
-
-    /// Like [`FakeDistributor::start`] but on `ip` (e.g. `127.0.0.2`).
-    pub async fn start_on(ip: IpAddr, tls: Option<&TestCa>) -> FakeDistributor {
-        let state = Arc::new(UpState {
-            known: Mutex::new(HashSet::new()),
-            gone: Mutex::new(HashSet::new()),
-            forget_unknown: AtomicBool::new(false),
-            common: Common::new(),
-        });
-        let router = Router::new()
-            .route("/up/{id}", post(handle_up))
-            .fallback(|| async { error_response(404, "no such resource", None) })
-            .with_state(state.clone());
-        let server = FakeServer::start_on(SocketAddr::new(ip, 0), router, server_tls(tls)).await;
-        FakeDistributor { server, state }
-    }
-
-    /// `http://IP:PORT` or `https://IP:PORT`.
-    pub fn url(&self) -> String {
-        self.server.url()
-    }
-
-    /// The underlying server (connection counters, shutdown).
-    pub fn server(&self) -> &FakeServer {
-        &self.server
-    }
-
-    /// The UnifiedPush endpoint for topic `id`: `{url}/up/{id}`.
-    pub fn endpoint(&self, id: &str) -> String {
-        self.state.known.lock().unwrap().insert(id.to_owned());
-        format!("{}/up/{id}", self.url())
-    }
-
-    /// Ends topic `id`: later pushes to it get 410 Gone.
-    pub fn unsubscribe(&self, id: &str) {
-        self.state.gone.lock().unwrap().insert(id.to_owned());
-    }
-
-    /// With `true`, ids never passed to [`Self::endpoint`] get 404 (default: any id is fine).
-    pub fn forget_unknown(&self, on: bool) {
-        self.state.forget_unknown.store(on, Ordering::SeqCst);
-    }
-
-    /// Largest accepted body in bytes (default [`DEFAULT_MAX_BODY`]); larger gets 413.
-    pub fn set_max_body(&self, bytes: usize) {
-        self.state.common.max_body.store(bytes, Ordering::SeqCst);
-    }
-
-    /// Queues `replies` (FIFO) for pushes to `id`; once used up, pushes get 201
-    /// again. Refused requests do not consume a reply.
-    pub fn respond(&self, id: &str, replies: Vec<PushReply>) {
-        self.state.common.scripts.push(id, replies);
-    }
-
-    /// Scripted replies not consumed yet.
-    pub fn pending_replies(&self) -> usize {
-        self.state.common.scripts.pending()
-    }
-
-    /// Every request recorded so far, oldest first.
-    pub fn requests(&self) -> Vec<RecordedUp> {
-        self.state.common.requests.all()
-    }
-
-    pub fn request_count(&self) -> usize {
-        self.state.common.requests.len()
-    }
-
-    /// Waits until at least `n` requests were recorded (panics after `timeout`).
-    pub async fn wait_for_requests(&self, n: usize, timeout: Duration) -> Vec<RecordedUp> {
-        self.state.common.requests.wait_for(n, timeout, "UnifiedPush").await
-    }
-
-    pub fn clear_requests(&self) {
-        self.state.common.requests.clear();
-    }
-
-    /// Valid requests being handled right now (held, delayed or being answered).
-    pub fn in_flight(&self) -> usize {
-        self.state.common.gate.in_flight()
-    }
-
-    /// The most valid requests that were ever in flight at once.
-    pub fn max_in_flight(&self) -> usize {
-        self.state.common.gate.max_in_flight()
-    }
-
-    /// Waits until at least `n` requests are in flight (panics after `timeout`).
-    pub async fn wait_for_in_flight(&self, n: usize, timeout: Duration) {
-        self.state.common.gate.wait_for(n, timeout).await;
-    }
-
-    /// Makes every valid request from now on wait, in flight, until [`Self::release`].
-    pub fn hold(&self) {
-        self.state.common.gate.hold();
-    }
-
-    /// Lets held requests and all later ones go.
-    pub fn release(&self) {
-        self.state.common.gate.release();
-    }
-}
-
-async fn handle_up(
-    State(state): State<Arc<UpState>>,
-    Path(id): Path<String>,
-    req: Request,
-) -> Response {
-    let (parts, body) = req.into_parts();
-    let conn = parts.extensions.get::<ConnInfo>();
-    let raw = axum::body::to_bytes(body, READ_LIMIT).await;
-    let record = RecordedUp {
-        id: id.clone(),
-        status: 0,
-        headers: parts.headers.clone(),
-        body: raw.as_ref().cloned().unwrap_or_default(),
-        alpn: conn.and_then(|c| c.alpn.clone()),
-        conn_id: conn.map_or(0, |c| c.id),
-    };
-    let max_body = state.common.max_body.load(Ordering::SeqCst);
-    let refusal = if state.gone.lock().unwrap().contains(&id) {
-        Some(refuse(410, "topic has been unsubscribed"))
-    } else if state.forget_unknown.load(Ordering::SeqCst)
-        && !state.known.lock().unwrap().contains(&id)
-    {
-        Some(refuse(404, "no such topic"))
-    } else if !raw.as_ref().is_ok_and(|raw| raw.len() <= max_body) {
-        Some(refuse(413, format!("body exceeds {max_body} bytes")))
-    } else {
-        None
-    };
-    if let Some(Refusal(status, message)) = refusal {
-        state.common.requests.push(RecordedUp { status, ..record });
-        return error_response(status, &message, None);
-    }
-    state.common.answer(&id, |status| RecordedUp { status, ..record }, created_response).await
-}
-
-// ---------------------------------------------------------------------------
-// Shared by both fakes
 
 /// Recording, scripts, body limit and the in-flight gate, for either fake.
-struct Common<T> {
-    requests: Recorder<T>,
-    scripts: Scripts<PushReply>,
-    max_body: AtomicUsize,
-    gate: Gate,
+pub(super) struct Common<T> {
+    pub(super) requests: Recorder<T>,
+    pub(super) scripts: Scripts<PushReply>,
+    pub(super) max_body: AtomicUsize,
+    pub(super) gate: Gate,
 }
 
 impl<T: Clone> Common<T> {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Common {
             requests: Recorder::new(),
             scripts: Scripts::default(),
@@ -780,7 +591,7 @@ impl<T: Clone> Common<T> {
     /// Answers a request that passed the checks: takes the scripted reply for
     /// `id`, counts the request in flight, records it (`record` gets the status),
     /// waits while held, then answers the reply or `success()`.
-    async fn answer(
+    pub(super) async fn answer(
         &self,
         id: &str,
         record: impl FnOnce(u16) -> T,
@@ -810,7 +621,7 @@ impl<T: Clone> Common<T> {
 }
 
 /// Counts requests in flight, remembers the most at once, and holds them while set.
-struct Gate {
+pub(super) struct Gate {
     in_flight: watch::Sender<usize>,
     max_in_flight: AtomicUsize,
     held: watch::Sender<bool>,
@@ -841,15 +652,15 @@ impl Gate {
         let _ = held.wait_for(|held| !*held).await;
     }
 
-    fn in_flight(&self) -> usize {
+    pub(super) fn in_flight(&self) -> usize {
         *self.in_flight.borrow()
     }
 
-    fn max_in_flight(&self) -> usize {
+    pub(super) fn max_in_flight(&self) -> usize {
         self.max_in_flight.load(Ordering::SeqCst)
     }
 
-    async fn wait_for(&self, n: usize, timeout: Duration) {
+    pub(super) async fn wait_for(&self, n: usize, timeout: Duration) {
         let mut count = self.in_flight.subscribe();
         if tokio::time::timeout(timeout, count.wait_for(|c| *c >= n)).await.is_err() {
             panic!(
@@ -859,11 +670,11 @@ impl Gate {
         }
     }
 
-    fn hold(&self) {
+    pub(super) fn hold(&self) {
         self.held.send_replace(true);
     }
 
-    fn release(&self) {
+    pub(super) fn release(&self) {
         self.held.send_replace(false);
     }
 }
@@ -876,16 +687,16 @@ impl Drop for InFlight<'_> {
     }
 }
 
-fn server_tls(ca: Option<&TestCa>) -> Option<Arc<rustls::ServerConfig>> {
+pub(super) fn server_tls(ca: Option<&TestCa>) -> Option<Arc<rustls::ServerConfig>> {
     ca.map(|ca| ca.server_config(&[b"h2", b"http/1.1"]))
 }
 
-fn created_response() -> Response {
+pub(super) fn created_response() -> Response {
     StatusCode::CREATED.into_response()
 }
 
 /// An autopush-like error body, `{"code":…,"error":…,"message":…}`; 2xx get none.
-fn error_response(status: u16, message: &str, retry_after: Option<u64>) -> Response {
+pub(super) fn error_response(status: u16, message: &str, retry_after: Option<u64>) -> Response {
     let status = StatusCode::from_u16(status).expect("status");
     let mut builder = http::Response::builder().status(status);
     if let Some(secs) = retry_after {

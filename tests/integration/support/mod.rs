@@ -5,6 +5,7 @@
 
 pub mod fake_apns;
 pub mod fake_fcm;
+pub mod fake_unifiedpush;
 pub mod fake_webpush;
 pub mod gateway;
 pub mod matrix;
