@@ -63,6 +63,10 @@ enum Command {
         /// Send the event_id_only format instead of a full notification.
         #[arg(long)]
         event_id_only: bool,
+        /// The pusher's `data` object as JSON, e.g. a WebPush subscription's
+        /// '{"endpoint":"https://…","auth":"…"}'.
+        #[arg(long, value_parser = parse_data)]
+        data: Option<serde_json::Map<String, serde_json::Value>>,
     },
     /// Work with Matrix push rules (no config needed).
     #[command(subcommand)]
@@ -151,8 +155,8 @@ fn main() -> ExitCode {
         Command::Demo { no_color } => return run_demo(no_color),
         Command::Serve { listen, admin_listen } => GatewayCommand::Serve { listen, admin_listen },
         Command::CheckConfig => GatewayCommand::CheckConfig,
-        Command::Send { app_id, pushkey, body, event_id_only } => {
-            GatewayCommand::Send { app_id, pushkey, body, event_id_only }
+        Command::Send { app_id, pushkey, body, event_id_only, data } => {
+            GatewayCommand::Send { app_id, pushkey, body, event_id_only, data }
         }
     };
     let mut config = match Config::load(&cli.config) {
@@ -191,18 +195,12 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             })
             .map_err(anyhow::Error::from),
-        GatewayCommand::Send { app_id, pushkey, body, event_id_only } => match build() {
+        GatewayCommand::Send { app_id, pushkey, body, event_id_only, data } => match build() {
             Err(e) => Err(e.into()),
             Ok(dispatcher) => {
                 init_tracing(&config);
-                runtime.block_on(send(
-                    &dispatcher,
-                    config.request_deadline,
-                    app_id,
-                    pushkey,
-                    body,
-                    event_id_only,
-                ))
+                let device = device(app_id, pushkey, data, event_id_only);
+                runtime.block_on(send(&dispatcher, config.request_deadline, device, body))
             }
         },
         GatewayCommand::Serve { .. } => {
@@ -225,9 +223,18 @@ fn main() -> ExitCode {
 
 /// The commands that run on the gateway config.
 enum GatewayCommand {
-    Serve { listen: Vec<SocketAddr>, admin_listen: Option<SocketAddr> },
+    Serve {
+        listen: Vec<SocketAddr>,
+        admin_listen: Option<SocketAddr>,
+    },
     CheckConfig,
-    Send { app_id: String, pushkey: String, body: String, event_id_only: bool },
+    Send {
+        app_id: String,
+        pushkey: String,
+        body: String,
+        event_id_only: bool,
+        data: Option<serde_json::Map<String, serde_json::Value>>,
+    },
 }
 
 /// `herald demo`: exit 0 when every expected push arrived, else 1 with the step named.
@@ -396,18 +403,38 @@ async fn shutdown_signal() {
     }
 }
 
+/// `--data`: a JSON object.
+fn parse_data(text: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    match serde_json::from_str(text) {
+        Ok(serde_json::Value::Object(map)) => Ok(map),
+        Ok(_) => Err("must be a JSON object".into()),
+        Err(e) => Err(format!("not JSON: {e}")),
+    }
+}
+
+/// The device `herald send` pushes to; `--event-id-only` sets `data.format`.
+fn device(
+    app_id: String,
+    pushkey: String,
+    data: Option<serde_json::Map<String, serde_json::Value>>,
+    event_id_only: bool,
+) -> Device {
+    let mut data = data.unwrap_or_default();
+    if event_id_only {
+        data.insert("format".into(), "event_id_only".into());
+    }
+    Device { app_id, pushkey, data: (!data.is_empty()).then_some(data), tweaks: None }
+}
+
 async fn send(
     dispatcher: &Dispatcher,
     request_deadline: Duration,
-    app_id: String,
-    pushkey: String,
+    device: Device,
     body: String,
-    event_id_only: bool,
 ) -> anyhow::Result<ExitCode> {
     let deadline = tokio::time::Instant::now() + request_deadline;
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis();
-    let data = event_id_only
-        .then(|| json!({ "format": "event_id_only" }).as_object().cloned().unwrap_or_default());
+    let event_id_only = device.event_id_only();
     let notification = Notification {
         event_id: Some(format!("$herald-test-{now}")),
         room_id: Some("!herald-test:localhost".into()),
@@ -419,7 +446,7 @@ async fn send(
             json!({ "msgtype": "m.text", "body": body }).as_object().cloned().unwrap_or_default()
         }),
         counts: Counts { unread: Some(1), missed_calls: None },
-        devices: vec![Device { app_id, pushkey, data, tweaks: None }],
+        devices: vec![device],
         ..Notification::default()
     };
     let summary = dispatcher.dispatch(&notification, deadline).await;

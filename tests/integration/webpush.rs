@@ -411,3 +411,46 @@ async fn one_slow_push_service_does_not_starve_another() {
     assert_eq!(slow.request_count(), 5);
     assert_eq!(slow.max_in_flight(), 2, "never more than max_concurrency_per_host at once");
 }
+
+#[tokio::test]
+async fn herald_send_pushes_to_a_subscription_given_as_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pem, public) = vapid_key();
+    let fake = FakePushService::start(None, &public, SUBJECT).await;
+    let apps = webpush_app(dir.path(), &pem, None, "    allow_internal_endpoints: true\n");
+    let config =
+        write_file(dir.path(), "gateway.yaml", Settings { apps, ..Settings::default() }.yaml());
+    let sub = fake.subscribe();
+    let run = |data: Option<String>| {
+        let (config, pushkey) = (config.clone(), sub.p256dh.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut args = vec![
+                "send",
+                "--config",
+                config.to_str().unwrap(),
+                "--app-id",
+                APP,
+                "--pushkey",
+                &pushkey,
+            ];
+            if let Some(data) = &data {
+                args.extend(["--data", data.as_str()]);
+            }
+            crate::cli::herald(&args)
+        })
+    };
+    let out = run(Some(device_data(&sub).to_string())).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "delivered");
+    assert_eq!(
+        fake.requests()[0].json().unwrap()["content"]["body"],
+        "Test notification from herald"
+    );
+
+    let out = run(None).await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("data.auth is missing"));
+    let out = run(Some("[1]".into())).await.unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must be a JSON object"));
+    assert_eq!(fake.request_count(), 1);
+}
