@@ -158,6 +158,40 @@ impl Provider {
     }
 }
 
+/// The notification's event fields as the Push Gateway API names them (`event_id, room_id, type,
+/// sender, sender_display_name, room_name, room_alias, prio, content`) and its `counts`: what
+/// the WebPush and UnifiedPush payloads pass on as they came.
+pub(crate) fn notification_fields(n: &Notification) -> serde_json::Map<String, Value> {
+    let mut out = serde_json::Map::new();
+    let fields = [
+        ("event_id", &n.event_id),
+        ("room_id", &n.room_id),
+        ("type", &n.event_type),
+        ("sender", &n.sender),
+        ("sender_display_name", &n.sender_display_name),
+        ("room_name", &n.room_name),
+        ("room_alias", &n.room_alias),
+    ];
+    for (key, value) in fields {
+        if let Some(v) = value {
+            out.insert(key.to_owned(), Value::String(v.clone()));
+        }
+    }
+    out.insert("prio".into(), n.prio.as_str().into());
+    if let Some(content) = &n.content {
+        out.insert("content".into(), Value::Object(content.clone()));
+    }
+    let mut counts = serde_json::Map::new();
+    if let Some(unread) = n.counts.unread {
+        counts.insert("unread".into(), unread.into());
+    }
+    if let Some(missed) = n.counts.missed_calls {
+        counts.insert("missed_calls".into(), missed.into());
+    }
+    out.insert("counts".into(), Value::Object(counts));
+    out
+}
+
 /// A short, stable, non-reversible tag for a pushkey, for logs: 8 hex digits of its SHA-256.
 pub fn pushkey_hash(pushkey: &str) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, pushkey.as_bytes());

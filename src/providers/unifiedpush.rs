@@ -12,10 +12,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request};
 use http_body_util::Full;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use super::endpoint::{Checked, EndpointClient, Size};
-use super::{AppLabels, Fit, Outcome, Skip, fit_json};
+use super::{AppLabels, Fit, Outcome, Skip, fit_json, notification_fields};
 use crate::config::{ProxyConfig, UnifiedPushConfig};
 use crate::metrics::Metrics;
 use crate::notification::{Device, Notification, Prio};
@@ -109,34 +109,10 @@ impl UnifiedPush {
 
 /// The notification as the homeserver sent it, with `devices` reduced to `d`.
 pub fn build_notification(n: &Notification, d: &Device) -> Value {
-    let mut out = Map::new();
-    let mut put = |key: &str, value: Option<&String>| {
-        if let Some(v) = value {
-            out.insert(key.to_owned(), Value::String(v.clone()));
-        }
-    };
-    put("event_id", n.event_id.as_ref());
-    put("room_id", n.room_id.as_ref());
-    put("type", n.event_type.as_ref());
-    put("sender", n.sender.as_ref());
-    put("sender_display_name", n.sender_display_name.as_ref());
-    put("room_name", n.room_name.as_ref());
-    put("room_alias", n.room_alias.as_ref());
+    let mut out = notification_fields(n);
     if let Some(target) = n.user_is_target {
         out.insert("user_is_target".into(), target.into());
     }
-    out.insert("prio".into(), n.prio.as_str().into());
-    if let Some(content) = &n.content {
-        out.insert("content".into(), Value::Object(content.clone()));
-    }
-    let mut counts = Map::new();
-    if let Some(unread) = n.counts.unread {
-        counts.insert("unread".into(), unread.into());
-    }
-    if let Some(missed) = n.counts.missed_calls {
-        counts.insert("missed_calls".into(), missed.into());
-    }
-    out.insert("counts".into(), Value::Object(counts));
     let mut device = json!({ "app_id": d.app_id, "pushkey": d.pushkey });
     if let Some(data) = &d.data {
         device["data"] = Value::Object(data.clone());

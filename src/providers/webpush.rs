@@ -21,11 +21,11 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request};
 use http_body_util::Full;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use web_push_native::Auth;
 
 use super::endpoint::{Checked, EndpointClient, Size};
-use super::{AppLabels, Fit, Outcome, Skip, fit_json};
+use super::{AppLabels, Fit, Outcome, Skip, fit_json, notification_fields};
 use crate::config::{ProxyConfig, VapidKey, WebPushConfig};
 use crate::metrics::Metrics;
 use crate::notification::{Device, Notification, Prio};
@@ -174,34 +174,11 @@ impl WebPush {
 /// then the event's fields, then `counts` (DESIGN §3).
 pub fn build_payload(n: &Notification, d: &Device) -> Value {
     let mut payload = d.default_payload().cloned().unwrap_or_default();
-    let mut put = |key: &str, value: Option<&String>| {
-        if let Some(v) = value {
-            payload.insert(key.to_owned(), Value::String(v.clone()));
-        }
-    };
-    put("event_id", n.event_id.as_ref());
-    put("room_id", n.room_id.as_ref());
-    put("type", n.event_type.as_ref());
-    put("sender", n.sender.as_ref());
-    put("sender_display_name", n.sender_display_name.as_ref());
-    put("room_name", n.room_name.as_ref());
-    put("room_alias", n.room_alias.as_ref());
+    payload.extend(notification_fields(n));
     let membership = n.content.as_ref().and_then(|c| c.get("membership")).and_then(Value::as_str);
     if let Some(m) = membership {
         payload.insert("membership".into(), m.into());
     }
-    payload.insert("prio".into(), n.prio.as_str().into());
-    if let Some(content) = &n.content {
-        payload.insert("content".into(), Value::Object(content.clone()));
-    }
-    let mut counts = Map::new();
-    if let Some(unread) = n.counts.unread {
-        counts.insert("unread".into(), unread.into());
-    }
-    if let Some(missed) = n.counts.missed_calls {
-        counts.insert("missed_calls".into(), missed.into());
-    }
-    payload.insert("counts".into(), Value::Object(counts));
     Value::Object(payload)
 }
 
