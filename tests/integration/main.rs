@@ -15,4 +15,5 @@ mod pushrules_ruma;
 mod redis_dedup;
 mod support;
 mod unifiedpush;
+mod web_flow;
 mod webpush;
