@@ -1,6 +1,7 @@
-//! Criterion benches for the per-device hot path: parsing a notify body, building APNs and FCM
-//! payloads (including the shortening of a 40 KB and a 60 KB body), the dedup key, and a dedup
-//! lookup that hits (a retry) or misses (a new event) in a cache of 200,000 entries.
+//! Criterion benches for the per-device hot path: parsing a notify body, building APNs, FCM,
+//! WebPush and UnifiedPush payloads (including the shortening of a 40 KB and a 60 KB body), the
+//! RFC 8291 encryption of a WebPush message, the dedup key, and a dedup lookup that hits (a
+//! retry) or misses (a new event) in a cache of 200,000 entries.
 //!
 //! `cargo bench --bench payloads`. Compare runs on one machine only; these machines are noisy.
 
@@ -11,7 +12,7 @@ use std::time::Duration;
 use herald::config::DedupConfig;
 use herald::dedup::{Dedup, DedupKey, Deduped, Final};
 use herald::notification::{self, Notification};
-use herald::providers::{apns, fcm};
+use herald::providers::{apns, fcm, unifiedpush, webpush};
 use serde_json::json;
 
 fn body(content_body: &str, devices: usize) -> Vec<u8> {
@@ -63,7 +64,30 @@ fn benches(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("fcm", name), |bench| {
             bench.iter(|| fcm::build_message(black_box(&n), d, true, false, &Default::default()))
         });
+        group.bench_function(BenchmarkId::new("webpush", name), |bench| {
+            bench.iter(|| webpush::fitted_payload(black_box(&n), d))
+        });
+        group.bench_function(BenchmarkId::new("unifiedpush", name), |bench| {
+            bench.iter(|| unifiedpush::fitted_body(black_box(&n), d))
+        });
     }
+    group.finish();
+
+    // What each WebPush send adds: a fresh P-256 key pair, ECDH, HKDF and AES-128-GCM; herald's
+    // (ring's curve) against the `web-push-native` crate's (pure-Rust p256), in one run.
+    use p256::elliptic_curve::sec1::ToEncodedPoint as _;
+    let n = parsed("I'm floating in a most peculiar way.");
+    let plaintext = webpush::fitted_payload(&n, &n.devices[0]);
+    let browser = p256::SecretKey::random(&mut p256::elliptic_curve::rand_core::OsRng).public_key();
+    let browser_bytes = browser.to_encoded_point(false).as_bytes().to_vec();
+    let mut group = c.benchmark_group("webpush_encrypt");
+    group.bench_function("herald", |bench| {
+        bench.iter(|| webpush::encrypt(black_box(plaintext.clone()), &browser_bytes, &[7; 16]))
+    });
+    let auth = web_push_native::Auth::clone_from_slice(&[7; 16]);
+    group.bench_function("web-push-native", |bench| {
+        bench.iter(|| web_push_native::encrypt(black_box(plaintext.clone()), &browser, &auth))
+    });
     group.finish();
 
     c.bench_function("dedup_key", |bench| {

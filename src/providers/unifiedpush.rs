@@ -124,6 +124,11 @@ pub fn build_notification(n: &Notification, d: &Device) -> Value {
     Value::Object(out)
 }
 
+/// The body one device's endpoint gets: [`build_notification`] wrapped within [`MAX_BODY`].
+pub fn fitted_body(n: &Notification, d: &Device) -> Bytes {
+    wrap(&mut build_notification(n, d), MAX_BODY)
+}
+
 /// `{"notification": …}` within `limit` bytes, shortening content first.
 fn wrap(notification: &mut Value, limit: usize) -> Bytes {
     let fit = Fit {

@@ -454,3 +454,23 @@ async fn herald_send_pushes_to_a_subscription_given_as_data() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be a JSON object"));
     assert_eq!(fake.request_count(), 1);
 }
+
+#[tokio::test]
+async fn through_a_proxy_pushes_tunnel_and_internal_endpoints_are_still_refused() {
+    let proxy = crate::support::proxy::ConnectProxy::start(None).await;
+    // Loopback allowed (as for a private push service): the push goes through the tunnel.
+    let settings = Settings { proxy: Some(proxy.url("")), ..Settings::default() };
+    let s = setup_with(settings.clone(), "    allow_internal_endpoints: true\n", "").await;
+    let sub = s.fake.subscribe();
+    assert_eq!(s.gw.notify(&one("$proxied", &sub)).await.status, StatusCode::OK);
+    let target = format!("127.0.0.1:{}", s.fake.server().addr().port());
+    assert_eq!(proxy.tunnels(), [target]);
+
+    // The default policy: herald refuses before asking the proxy for a tunnel.
+    let s = setup_with(settings, "", "").await;
+    let sub = s.fake.subscribe();
+    let r = s.gw.notify(&one("$refused", &sub)).await;
+    assert_eq!((r.status, r.rejected()), (StatusCode::BAD_GATEWAY, vec![]), "{:?}", r.json);
+    assert_eq!(proxy.tunnels().len(), 1, "no tunnel was asked for");
+    assert_eq!(s.fake.server().connections_accepted(), 0);
+}
