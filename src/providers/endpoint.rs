@@ -33,7 +33,7 @@ use hyper_util::client::legacy::connect::dns::Name;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wildmatch::WildMatch;
 
-use super::http::{HttpClient, Protocol, exchange};
+use super::http::{HttpClient, Protocol, describe_error};
 use super::{AppLabels, Outcome, retry_after};
 use crate::config::{EndpointsConfig, ProxyConfig};
 use crate::metrics::Metrics;
@@ -91,7 +91,13 @@ impl fmt::Debug for Checked {
 
 impl EndpointPolicy {
     pub fn new(allowed_endpoints: &[String], allow_internal: bool) -> EndpointPolicy {
-        let allowed = allowed_endpoints.iter().map(|g| WildMatch::new(&g.to_lowercase())).collect();
+        // Hosts are compared lower-cased and without the brackets of an IPv6 literal.
+        let allowed = allowed_endpoints
+            .iter()
+            .map(|g| {
+                WildMatch::new(&g.trim_start_matches('[').trim_end_matches(']').to_lowercase())
+            })
+            .collect();
         EndpointPolicy { allowed, allow_internal, verdicts: Mutex::new(HashMap::new()) }
     }
 
@@ -282,15 +288,27 @@ impl EndpointClient {
             Err(why) => return Exchanged::Done(Outcome::Failed(why)),
         };
         let started = Instant::now();
-        let answer = match exchange(&self.client, request).await {
-            Ok(answer) => answer,
-            Err(why) => {
-                self.metrics.upstream(&self.labels, "error", started.elapsed());
-                return Exchanged::Done(Outcome::Retry { after: None, reason: why });
+        let response = match self.client.request(request).await {
+            Ok(response) => response,
+            Err(e) => {
+                return Exchanged::Done(match refusal_in(&e) {
+                    Some(refusal) => {
+                        self.metrics.upstream(&self.labels, "refused", started.elapsed());
+                        Outcome::Failed(refusal.to_string())
+                    }
+                    None => {
+                        self.metrics.upstream(&self.labels, "error", started.elapsed());
+                        Outcome::Retry { after: None, reason: describe_error(&e) }
+                    }
+                });
             }
         };
-        self.metrics.upstream(&self.labels, answer.status.as_str(), started.elapsed());
-        match map_status(answer.status, retry_after(&answer.headers)) {
+        // Only the status and headers matter: the body is not read, so a service that accepted
+        // the message and then stalls or sends too much cannot turn it into a retry (and a
+        // second alert).
+        let status = response.status();
+        self.metrics.upstream(&self.labels, status.as_str(), started.elapsed());
+        match map_status(status, retry_after(response.headers())) {
             Some(outcome) => Exchanged::Done(outcome),
             None => Exchanged::TooLarge,
         }
@@ -330,6 +348,7 @@ pub fn is_internal(ip: IpAddr) -> bool {
                 || v4.is_link_local()
                 || (a == 100 && (b & 0xc0) == 64) // 100.64.0.0/10 carrier-grade NAT
                 || (a == 192 && b == 0 && c == 0) // 192.0.0.0/24 IETF protocol assignments
+                || (a == 192 && b == 88 && c == 99) // 192.88.99.0/24 6to4 relay anycast
                 || v4.is_documentation()
                 || (a == 198 && (b & 0xfe) == 18) // 198.18.0.0/15 benchmarking
                 || v4.is_multicast()
@@ -355,6 +374,8 @@ pub fn is_internal(ip: IpAddr) -> bool {
                 || (s[..6] == [0; 6] && embedded(s[6], s[7])) // ::a.b.c.d IPv4-compatible
                 || (s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] && embedded(s[6], s[7])) // NAT64
                 || (s[0] == 0x2002 && embedded(s[1], s[2])) // 2002::/16 6to4
+                || s[..6] == [0, 0, 0, 0, 0xffff, 0] // ::ffff:0:0:0/96 SIIT-translated IPv4
+                || (s[0] == 0x2001 && s[1] == 0) // 2001::/32 Teredo tunnels
         }
     }
 }
@@ -373,6 +394,28 @@ impl GuardedResolver {
     pub fn new(allow_internal: bool) -> GuardedResolver {
         GuardedResolver { allow_internal }
     }
+
+    /// True when it refuses nothing (operator-configured upstreams, or `allow_internal`).
+    pub fn allows_any(&self) -> bool {
+        self.allow_internal
+    }
+}
+
+/// The [`Refusal`] behind a failed connection, when the connector refused an internal address
+/// (a name that resolved differently at connect time than when it was checked).
+pub fn refusal_in(error: &(dyn std::error::Error + 'static)) -> Option<Refusal> {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if let Some(refusal) = e
+            .downcast_ref::<io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<Refusal>())
+        {
+            return Some(refusal.clone());
+        }
+        source = e.source();
+    }
+    None
 }
 
 impl tower::Service<Name> for GuardedResolver {
@@ -405,6 +448,8 @@ mod tests {
     use super::*;
     use tower::ServiceExt;
 
+    use crate::config::ProxyConfig;
+
     /// Asserts `is_internal` gives `expected` for each whitespace-separated address.
     fn assert_internal(addrs: &str, expected: bool) {
         for ip in addrs.split_whitespace() {
@@ -418,7 +463,7 @@ mod tests {
             "0.0.0.0 0.255.255.255 127.0.0.1 127.255.255.254 10.0.0.0 10.255.255.255 172.16.0.0
              172.31.255.255 192.168.0.1 192.168.255.255 169.254.0.0 169.254.169.254 100.64.0.0
              100.127.255.255 192.0.0.0 192.0.0.255 192.0.2.1 198.51.100.7 203.0.113.9 198.18.0.0
-             198.19.255.255 224.0.0.1 239.255.255.255 240.0.0.1 255.255.255.255",
+             198.19.255.255 224.0.0.1 239.255.255.255 240.0.0.1 255.255.255.255 192.88.99.1",
             true,
         );
         assert_internal(
@@ -436,12 +481,14 @@ mod tests {
             ":: ::1 fc00::1 fdff:ffff::1 fe80::1 febf::1 fec0::1 ff02::1 2001:db8::1
              2001:db8:ffff::1 100::1 100::ffff:ffff:ffff:ffff ::ffff:127.0.0.1 ::ffff:10.0.0.1
              ::ffff:169.254.169.254 ::127.0.0.1 ::192.168.1.1 64:ff9b::a9fe:a9fe
-             64:ff9b::127.0.0.1 64:ff9b:1::1 2002:7f00:1:: 2002:a00:1::1",
+             64:ff9b::127.0.0.1 64:ff9b:1::1 2002:7f00:1:: 2002:a00:1::1 ::ffff:0:7f00:1
+             ::ffff:0:101:101 2001::1 2001:0:4136:e378:8000:63bf:3fff:fdd2",
             true,
         );
         assert_internal(
             "2606:4700::1111 2001:4860:4860::8888 fbff::1 fe7f::1 2001:db9::1 2001:db7::1
-             100:0:0:1::1 ::ffff:1.1.1.1 ::1.1.1.1 64:ff9b::1.1.1.1 2002:101:101::1",
+             100:0:0:1::1 ::ffff:1.1.1.1 ::1.1.1.1 64:ff9b::1.1.1.1 2002:101:101::1 2001:1::1
+             2001:4860::1",
             false,
         );
     }
@@ -464,8 +511,12 @@ mod tests {
         ] {
             assert!(matches!(any.check(url).await, Err(Refusal::Internal { .. })), "{url}");
         }
-        // A numeric form the system resolver reads as 127.0.0.1: refused either way.
-        assert!(any.check("https://2130706433/").await.is_err());
+        // Numeric and dotted forms the system resolver reads as 127.0.0.1.
+        for url in ["https://2130706433/", "https://0x7f.1/", "https://127.1/"] {
+            assert!(matches!(any.check(url).await, Err(Refusal::Internal { .. })), "{url}");
+        }
+        // A trailing dot: internal, or not resolvable at all, depending on the resolver.
+        assert!(any.check("https://localhost./").await.is_err());
         assert_eq!(any.check("http://push.example.org/").await.unwrap_err(), Refusal::Scheme);
         assert_eq!(any.check("https://user:pw@host/").await.unwrap_err(), Refusal::UserInfo);
         for garbage in ["not a url", "", "/relative/path", "https://", "push.example.org"] {
@@ -543,5 +594,55 @@ mod tests {
         // The first connection the listener sees is the allowed one: the refused never came.
         let (_, peer) = listener.accept().await.unwrap();
         assert_eq!(peer, allowed.inner().local_addr().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_name_refused_at_connect_time_fails_without_retry_or_connection() {
+        // Stands for a name whose DNS answer changed after the check (rebinding): the request
+        // reaches the client as if the check had passed, directly or through a proxy.
+        let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let config = EndpointsConfig {
+            allowed_endpoints: vec![],
+            allow_internal_endpoints: false,
+            ttl: Duration::from_secs(60),
+            extra_roots: vec![],
+            max_concurrency: 4,
+            max_concurrency_per_host: 4,
+        };
+        let through = ProxyConfig {
+            uri: format!("http://{}", proxy.local_addr().unwrap()).parse().unwrap(),
+            authorization: None,
+        };
+        let port = target.local_addr().unwrap().port();
+        for via in [None, Some(&through)] {
+            let metrics = Arc::new(Metrics::new());
+            let labels = metrics.app_labels("up", "unifiedpush");
+            let client = EndpointClient::new(&config, via, labels, metrics.clone()).unwrap();
+            let checked = Checked {
+                uri: format!("https://localhost:{port}/up").parse().unwrap(),
+                host: "localhost".into(),
+                addrs: vec![],
+            };
+            let build = |c: &Checked, _: Size| {
+                Ok(Request::post(c.uri.clone()).body(Full::new(Bytes::new())).unwrap())
+            };
+            match client.exchange(&checked, &build, Size::Full).await {
+                Exchanged::Done(Outcome::Failed(why)) => {
+                    assert!(why.contains("internal address"), "{why}")
+                }
+                Exchanged::Done(other) => panic!("expected a refusal, got {other:?}"),
+                Exchanged::TooLarge => panic!("expected a refusal, got 413"),
+            }
+            let shown = metrics.render();
+            assert!(shown.contains(r#"status="refused"} 1"#), "{shown}");
+        }
+        // The first connection either listener sees is this one: the refused never came.
+        for listener in [target, proxy] {
+            let ours =
+                tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+            let (_, peer) = listener.accept().await.unwrap();
+            assert_eq!(peer, ours.local_addr().unwrap());
+        }
     }
 }

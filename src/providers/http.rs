@@ -22,6 +22,7 @@ use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpStream;
+use tower::ServiceExt as _;
 
 use super::endpoint::GuardedResolver;
 use crate::config::{ProxyConfig, Upstream};
@@ -79,9 +80,12 @@ pub fn client(
     client_with(&upstream.extra_roots, proxy, identity, protocol, GuardedResolver::new(true))
 }
 
-/// Builds a pooled client whose direct connections resolve names through `resolver`; for
-/// endpoints that come from devices, one that refuses internal addresses. Through a `proxy`,
-/// the proxy resolves the upstream's name (and the proxy's own address is the operator's).
+/// Builds a pooled client whose connections resolve names through `resolver`; for endpoints
+/// that come from devices, one that refuses internal addresses. Through a `proxy`, such a client
+/// resolves the name itself and asks the proxy for a tunnel to the vetted address (`CONNECT
+/// ip:port`), so the proxy cannot be steered to an internal one; TLS still verifies the name.
+/// A client whose resolver allows any address (operator-configured upstreams) asks the proxy
+/// for the name, as proxies' domain allow-lists expect.
 pub fn client_with(
     extra_roots: &[CertificateDer<'static>],
     proxy: Option<&ProxyConfig>,
@@ -97,7 +101,7 @@ pub fn client_with(
             if let Some(auth) = &p.authorization {
                 tunnel = tunnel.with_auth(auth.clone());
             }
-            UpstreamConnector::Tunnel(tunnel)
+            UpstreamConnector::Tunnel { tunnel, vet: (!resolver.allows_any()).then_some(resolver) }
         }
     };
     let builder = HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
@@ -131,7 +135,11 @@ fn tuned<R>(mut tcp: HttpConnector<R>) -> HttpConnector<R> {
 #[derive(Clone)]
 pub enum UpstreamConnector {
     Direct(HttpConnector<GuardedResolver>),
-    Tunnel(Tunnel<HttpConnector>),
+    /// `vet`: resolve and vet the name here and tunnel to the address, not to the name.
+    Tunnel {
+        tunnel: Tunnel<HttpConnector>,
+        vet: Option<GuardedResolver>,
+    },
 }
 
 type BoxError = Box<dyn StdError + Send + Sync>;
@@ -144,7 +152,7 @@ impl tower::Service<http::Uri> for UpstreamConnector {
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         match self {
             UpstreamConnector::Direct(c) => c.poll_ready(cx).map_err(Into::into),
-            UpstreamConnector::Tunnel(c) => c.poll_ready(cx).map_err(Into::into),
+            UpstreamConnector::Tunnel { tunnel, .. } => tunnel.poll_ready(cx).map_err(Into::into),
         }
     }
 
@@ -154,12 +162,36 @@ impl tower::Service<http::Uri> for UpstreamConnector {
                 let f = c.call(dst);
                 Box::pin(async move { f.await.map_err(Into::into) })
             }
-            UpstreamConnector::Tunnel(c) => {
-                let f = c.call(dst);
+            UpstreamConnector::Tunnel { tunnel, vet: None } => {
+                let f = tunnel.call(dst);
                 Box::pin(async move { f.await.map_err(Into::into) })
+            }
+            UpstreamConnector::Tunnel { tunnel, vet: Some(vet) } => {
+                let (tunnel, vet) = (tunnel.clone(), *vet);
+                Box::pin(async move {
+                    let dst = vetted_address(dst, vet).await?;
+                    tunnel.oneshot(dst).await.map_err(Into::into)
+                })
             }
         }
     }
+}
+
+/// `dst` with its host replaced by the first address `vet` resolves it to (refusing internal
+/// ones); an IP literal host is kept (the endpoint check vetted it).
+async fn vetted_address(dst: http::Uri, vet: GuardedResolver) -> Result<http::Uri, BoxError> {
+    use hyper_util::client::legacy::connect::dns::Name;
+    use std::str::FromStr as _;
+    let host = dst.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(dst);
+    }
+    let name = Name::from_str(host)?;
+    let ip = vet.oneshot(name).await?.next().ok_or("the name has no address")?.ip();
+    let port = dst.port_u16().unwrap_or(if dst.scheme_str() == Some("https") { 443 } else { 80 });
+    let mut parts = dst.into_parts();
+    parts.authority = Some(std::net::SocketAddr::new(ip, port).to_string().parse()?);
+    Ok(http::Uri::from_parts(parts)?)
 }
 
 /// The connector of every [`HttpClient`]: TLS (or plain TCP) over [`UpstreamConnector`], each

@@ -26,8 +26,9 @@ pub const MAX_BODY: usize = 4096;
 pub const SHORTENED_BODY: usize = 1024;
 /// `{"notification":` and `}` around the notification object.
 const WRAPPER: usize = 17;
-/// Never shortened: the app needs them to fetch the event and to know the push is its own.
-const PROTECTED: &[&str] = &["event_id", "room_id", "app_id", "pushkey"];
+/// Never shortened: the app needs them to fetch the event, to know the push is its own, and to
+/// read it in the format it asked for.
+const PROTECTED: &[&str] = &["event_id", "room_id", "app_id", "pushkey", "format"];
 
 /// A push ready to send (and re-send on retry).
 pub struct UnifiedPushRequest {

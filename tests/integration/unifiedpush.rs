@@ -178,4 +178,9 @@ async fn internal_endpoints_are_refused_without_any_connection() {
         );
     }
     assert_eq!(fake.server().connections_accepted(), 0, "no connection was made");
+    // Refused by herald before any request, each of them (the first for its http:// scheme).
+    let metrics = gw.metrics().await;
+    let refused =
+        r#"herald_upstream_responses_total{app="*.up",provider="unifiedpush",status="refused"} 6"#;
+    assert!(metrics.contains(refused), "{metrics}");
 }

@@ -293,10 +293,13 @@ async fn rate_limits_server_errors_timeouts_and_resets_are_retried() {
 async fn other_client_errors_fail_without_retry() {
     let s = setup("").await;
     let sub = s.fake.subscribe();
-    s.fake.respond(&sub.id, vec![PushReply::status(400)]);
+    s.fake.respond(&sub.id, vec![PushReply::status(400), PushReply::status(301)]);
     let r = s.gw.notify(&one("$400", &sub)).await;
     assert_eq!((r.status, r.rejected()), (StatusCode::BAD_GATEWAY, vec![]), "{:?}", r.json);
-    assert_eq!(statuses(&s.fake), vec![400]);
+    // A redirect is not followed (it could point anywhere): failed, not retried.
+    let r = s.gw.notify(&one("$301", &sub)).await;
+    assert_eq!((r.status, r.rejected()), (StatusCode::BAD_GATEWAY, vec![]), "{:?}", r.json);
+    assert_eq!(statuses(&s.fake), vec![400, 301]);
 }
 
 #[tokio::test]
@@ -466,11 +469,22 @@ async fn through_a_proxy_pushes_tunnel_and_internal_endpoints_are_still_refused(
     let target = format!("127.0.0.1:{}", s.fake.server().addr().port());
     assert_eq!(proxy.tunnels(), [target]);
 
-    // The default policy: herald refuses before asking the proxy for a tunnel.
-    let s = setup_with(settings, "", "").await;
-    let sub = s.fake.subscribe();
-    let r = s.gw.notify(&one("$refused", &sub)).await;
-    assert_eq!((r.status, r.rejected()), (StatusCode::BAD_GATEWAY, vec![]), "{:?}", r.json);
+    // The default policy: an https endpoint on a loopback address (by number and by name) is
+    // refused for its address before herald asks the proxy for a tunnel.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let (pem, public) = vapid_key();
+    let fake = FakePushService::start(Some(&ca), &public, SUBJECT).await;
+    let apps = webpush_app(dir.path(), &pem, Some(&ca), "");
+    let gw = TestGateway::start(&Settings { apps, ..settings }).await;
+    let sub = fake.subscribe();
+    let by_name = sub.endpoint.replace("127.0.0.1", "localhost");
+    for endpoint in [sub.endpoint.clone(), by_name] {
+        let data = json!({ "endpoint": endpoint, "auth": sub.auth });
+        let r = gw.notify(&web_message("$refused", &[(&sub, data)])).await;
+        assert_eq!((r.status, r.rejected()), (StatusCode::BAD_GATEWAY, vec![]), "{:?}", r.json);
+    }
+    assert!(sub.endpoint.starts_with("https://"), "{}", sub.endpoint);
     assert_eq!(proxy.tunnels().len(), 1, "no tunnel was asked for");
-    assert_eq!(s.fake.server().connections_accepted(), 0);
+    assert_eq!(fake.server().connections_accepted(), 0);
 }
