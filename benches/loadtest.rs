@@ -1,6 +1,7 @@
 //! Loopback load test of the `herald` daemon: `cargo bench --bench loadtest -- [options]`.
 //!
-//! One run starts a fake APNs + FCM upstream (TLS, in this process), starts the release
+//! One run starts a fake APNs + FCM upstream (TLS, in this process; its FCM listener also
+//! answers WebPush and UnifiedPush endpoints with 201), starts the release
 //! `herald` binary with a generated `gateway.yaml` aimed at it, drives N keep-alive HTTP/1.1
 //! connections at `/notify` for T seconds per body variant, and reports requests/s, latency
 //! percentiles, herald's peak RSS and CPU-seconds per 1,000 requests. Then it runs the same load
@@ -100,6 +101,8 @@ enum ScenarioArg {
     One,
     Four,
     EventIdOnly,
+    Webpush,
+    Unifiedpush,
     All,
 }
 
@@ -109,6 +112,8 @@ impl ScenarioArg {
             ScenarioArg::One => vec![BodyKind::One],
             ScenarioArg::Four => vec![BodyKind::Four],
             ScenarioArg::EventIdOnly => vec![BodyKind::EventIdOnly],
+            ScenarioArg::Webpush => vec![BodyKind::Webpush],
+            ScenarioArg::Unifiedpush => vec![BodyKind::Unifiedpush],
             ScenarioArg::All => BodyKind::ALL.to_vec(),
         }
     }
@@ -163,6 +168,7 @@ struct Env {
 async fn run(opts: &Opts, pinning: Pinning) -> Result<(), String> {
     let delay = Duration::from_millis(opts.upstream_delay);
     let upstream = FakeUpstream::start(delay).await.map_err(|e| format!("fake upstream: {e}"))?;
+    load::set_push_base(format!("https://{}", upstream.fcm));
     let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
     write_credentials(dir.path(), &upstream).map_err(|e| format!("writing credentials: {e}"))?;
     let env = Env { dir, pinning, upstream, clock_ticks: procs::clock_ticks_per_second() };
@@ -340,7 +346,13 @@ fn gateway_yaml(
              team_id: TEAM123456\n    topic: {apns_app}\n    endpoint: \"https://{apns}\"\n    \
              ca_file: ca.pem\n  \
            {fcm_app}:\n    type: fcm\n    service_account_file: fcm.json\n    \
-             endpoint: \"https://{fcm}\"\n    ca_file: ca.pem\n",
+             endpoint: \"https://{fcm}\"\n    ca_file: ca.pem\n  \
+           {web_app}:\n    type: webpush\n    vapid_private_key_file: vapid.pem\n    \
+             vapid_subject: \"mailto:bench@example.org\"\n    allow_internal_endpoints: true\n    \
+             ca_file: ca.pem\n  \
+           {up_app}:\n    type: unifiedpush\n    allow_internal_endpoints: true\n    ca_file: ca.pem\n",
+        web_app = load::WEBPUSH_APP,
+        up_app = load::UNIFIEDPUSH_APP,
         apns_app = load::APNS_APP,
         fcm_app = load::FCM_APP,
         apns = upstream.apns,
@@ -348,13 +360,16 @@ fn gateway_yaml(
     )
 }
 
-/// `ca.pem`, an APNs `.p8` key (P-256, PKCS#8) and an FCM service account whose `token_uri`
-/// is the fake.
+/// `ca.pem`, an APNs `.p8` key (P-256, PKCS#8), a VAPID key and an FCM service account whose
+/// `token_uri` is the fake.
 fn write_credentials(dir: &Path, upstream: &FakeUpstream) -> std::io::Result<()> {
     std::fs::write(dir.join("ca.pem"), &upstream.ca_pem)?;
     let p8 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(std::io::Error::other)?;
     std::fs::write(dir.join("apns.p8"), p8.serialize_pem())?;
+    let vapid = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(std::io::Error::other)?;
+    std::fs::write(dir.join("vapid.pem"), vapid.serialize_pem())?;
     let account = json!({
         "type": "service_account",
         "project_id": "herald-bench",

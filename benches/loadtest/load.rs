@@ -19,6 +19,20 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 pub const APNS_APP: &str = "im.bench.ios";
 pub const FCM_APP: &str = "im.bench.android";
+pub const WEBPUSH_APP: &str = "im.bench.web";
+pub const UNIFIEDPUSH_APP: &str = "im.bench.up";
+/// `https://host:port` of the fake push service (the fake upstream's second listener), set
+/// once the upstream runs; device endpoints in the WebPush and UnifiedPush bodies point there.
+static PUSH_BASE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Where the WebPush and UnifiedPush bodies' endpoints point from now on.
+pub fn set_push_base(base: String) {
+    let _ = PUSH_BASE.set(base);
+}
+
+fn push_base() -> &'static str {
+    PUSH_BASE.get().map_or("https://127.0.0.1:9", String::as_str)
+}
 const NOTIFY_PATH: &str = "/_matrix/push/v1/notify";
 const EVENT_ID_SLOT: &str = "@@EVENT_ID@@";
 /// With `--repeat-event-ids`, requests cycle through this many event ids.
@@ -35,16 +49,28 @@ pub enum BodyKind {
     Four,
     /// 1 device, `event_id_only` format.
     EventIdOnly,
+    /// 1 browser: encrypted (RFC 8291) and VAPID-signed, to a push service.
+    Webpush,
+    /// 1 UnifiedPush device: the notification JSON POSTed to its endpoint.
+    Unifiedpush,
 }
 
 impl BodyKind {
-    pub const ALL: [BodyKind; 3] = [BodyKind::One, BodyKind::Four, BodyKind::EventIdOnly];
+    pub const ALL: [BodyKind; 5] = [
+        BodyKind::One,
+        BodyKind::Four,
+        BodyKind::EventIdOnly,
+        BodyKind::Webpush,
+        BodyKind::Unifiedpush,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             BodyKind::One => "one",
             BodyKind::Four => "four",
             BodyKind::EventIdOnly => "event-id-only",
+            BodyKind::Webpush => "webpush",
+            BodyKind::Unifiedpush => "unifiedpush",
         }
     }
 
@@ -53,6 +79,8 @@ impl BodyKind {
             BodyKind::One => "1 device, full format (APNs and FCM alternately)",
             BodyKind::Four => "4 devices: 2 APNs + 2 FCM, full format",
             BodyKind::EventIdOnly => "1 device, event_id_only (APNs and FCM alternately)",
+            BodyKind::Webpush => "1 browser, full format, WebPush (encrypted, VAPID)",
+            BodyKind::Unifiedpush => "1 phone, full format, UnifiedPush (plain JSON)",
         }
     }
 
@@ -60,7 +88,7 @@ impl BodyKind {
     pub fn devices(self) -> u64 {
         match self {
             BodyKind::Four => 4,
-            BodyKind::One | BodyKind::EventIdOnly => 1,
+            BodyKind::One | BodyKind::EventIdOnly | BodyKind::Webpush | BodyKind::Unifiedpush => 1,
         }
     }
 }
@@ -104,6 +132,25 @@ fn fcm_device(n: u8, event_id_only: bool) -> Value {
         "f{n:02}Xb7cQ2SxeUm3Jd9:APA91bGq0wK3cZk8V1nRrTq5HgYp2LmX7sDfGhJkL9zXcVbNm1QwErTyUiOpAsDfGhJkLzXcVbNmQwErTyUiOp1a2S3d4F5g6H7j8K9l0ZxCvBnMqWeRtYuIoP"
     );
     device(FCM_APP, &token, event_id_only)
+}
+
+/// A browser subscription: a fixed P-256 key (`p256dh`), auth secret and endpoint.
+fn webpush_device() -> Value {
+    use base64::Engine as _;
+    use p256::elliptic_curve::sec1::ToEncodedPoint as _;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let browser = p256::SecretKey::from_slice(&[7; 32]).expect("a valid scalar").public_key();
+    json!({
+        "app_id": WEBPUSH_APP, "pushkey": b64(browser.to_encoded_point(false).as_bytes()),
+        "pushkey_ts": 1_700_000_000,
+        "data": {"endpoint": format!("{}/wp/v2/gAAAAABnbench", push_base()), "auth": b64(&[9; 16])},
+    })
+}
+
+/// A UnifiedPush device: the pushkey is its endpoint.
+fn unifiedpush_device() -> Value {
+    let endpoint = format!("{}/up/upAbCdEfGhIjKl?up=1", push_base());
+    json!({"app_id": UNIFIEDPUSH_APP, "pushkey": endpoint, "pushkey_ts": 1_700_000_000, "data": {}})
 }
 
 fn device(app_id: &str, pushkey: &str, event_id_only: bool) -> Value {
@@ -156,6 +203,8 @@ fn templates(kind: BodyKind) -> Vec<Template> {
         BodyKind::EventIdOnly => {
             vec![event_id_only(apns_device(1, true)), event_id_only(fcm_device(1, true))]
         }
+        BodyKind::Webpush => vec![full(vec![webpush_device()])],
+        BodyKind::Unifiedpush => vec![full(vec![unifiedpush_device()])],
     };
     notifications.into_iter().map(Template::new).collect()
 }

@@ -355,9 +355,10 @@ pub fn print_scenario(s: &Scenario, setup: &Setup, plan: &Plan) {
     );
     if let Some(u) = s.herald.upstream {
         println!(
-            "   upstream served: {} APNs + {} FCM sends ({:.2} per request) over {} + {} TLS connections, {} token fetches{}",
+            "   upstream served: {} APNs + {} FCM + {} WebPush/UnifiedPush sends ({:.2} per request) over {} + {} TLS connections, {} token fetches{}",
             u.apns,
             u.fcm,
+            u.push,
             u.sends() as f64 / s.herald.all_requests.max(1) as f64,
             u.apns_connections,
             u.fcm_connections,

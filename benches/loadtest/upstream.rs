@@ -38,6 +38,7 @@ pub struct Counts {
     apns: AtomicU64,
     fcm: AtomicU64,
     token: AtomicU64,
+    push: AtomicU64,
     other: AtomicU64,
 }
 
@@ -50,6 +51,8 @@ pub struct Served {
     pub apns: u64,
     pub fcm: u64,
     pub token: u64,
+    /// WebPush and UnifiedPush deliveries.
+    pub push: u64,
     pub other: u64,
 }
 
@@ -61,12 +64,13 @@ impl Served {
             apns: self.apns - earlier.apns,
             fcm: self.fcm - earlier.fcm,
             token: self.token - earlier.token,
+            push: self.push - earlier.push,
             other: self.other - earlier.other,
         }
     }
 
     pub fn sends(self) -> u64 {
-        self.apns + self.fcm
+        self.apns + self.fcm + self.push
     }
 }
 
@@ -97,6 +101,7 @@ impl FakeUpstream {
             apns: self.counts.apns.load(Ordering::Relaxed),
             fcm: self.counts.fcm.load(Ordering::Relaxed),
             token: self.counts.token.load(Ordering::Relaxed),
+            push: self.counts.push.load(Ordering::Relaxed),
             other: self.counts.other.load(Ordering::Relaxed),
         }
     }
@@ -180,6 +185,8 @@ enum Route {
     Apns,
     FcmSend,
     Token,
+    /// A WebPush or UnifiedPush endpoint: 201 Created.
+    Push,
     Unknown,
 }
 
@@ -191,6 +198,8 @@ impl Route {
             Route::FcmSend
         } else if path == "/token" {
             Route::Token
+        } else if path.starts_with("/wp/") || path.starts_with("/up/") {
+            Route::Push
         } else {
             Route::Unknown
         }
@@ -207,6 +216,7 @@ async fn answer(
         Route::Apns => (&counts.apns, StatusCode::OK, ""),
         Route::FcmSend => (&counts.fcm, StatusCode::OK, FCM_SEND_ANSWER),
         Route::Token => (&counts.token, StatusCode::OK, TOKEN_ANSWER),
+        Route::Push => (&counts.push, StatusCode::CREATED, ""),
         Route::Unknown => (&counts.other, StatusCode::NOT_FOUND, ""),
     };
     counter.fetch_add(1, Ordering::Relaxed);
