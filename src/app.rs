@@ -79,9 +79,9 @@ impl App {
                 .any(|app| matches!(app.kind, AppKind::UnifiedPush(_))),
         };
         for app in &config.apps {
-            if let AppKind::WebPush(web) = &app.kind {
+            if let Some(key) = app.vapid_public_key() {
                 // Public: web clients pass it to `pushManager.subscribe` as applicationServerKey.
-                info!(app = %app.pattern, vapid_public_key = %web.vapid.public_b64(), "webpush app");
+                info!(app = %app.pattern, vapid_public_key = %key, "webpush app");
             }
         }
         let main_router = server::router(state.clone(), config.admin_listen.is_none());

@@ -150,6 +150,16 @@ pub struct AppConfig {
     pub kind: AppKind,
 }
 
+impl AppConfig {
+    /// A `webpush` app's VAPID public key (base64url): what its web clients subscribe with.
+    pub fn vapid_public_key(&self) -> Option<String> {
+        match &self.kind {
+            AppKind::WebPush(web) => Some(web.vapid.public_b64()),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum AppKind {
     Apns(ApnsConfig),

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
-use herald::config::{AppKind, Config, LogFormat};
+use herald::config::{Config, LogFormat};
 use herald::dispatch::{DeviceResult, Dispatcher};
 use herald::homeserver::pushrules::{
     CompiledRuleset, DisplayName, Evaluation, FlatEvent, PowerLevels, PushRulesContent, RoomCtx,
@@ -184,12 +184,8 @@ fn main() -> ExitCode {
             .map(|_| {
                 println!("{}: OK ({} apps)", cli.config.display(), config.apps.len());
                 for app in &config.apps {
-                    if let AppKind::WebPush(web) = &app.kind {
-                        println!(
-                            "apps.{}: VAPID public key {}",
-                            app.pattern,
-                            web.vapid.public_b64()
-                        );
+                    if let Some(key) = app.vapid_public_key() {
+                        println!("apps.{}: VAPID public key {key}", app.pattern);
                     }
                 }
                 ExitCode::SUCCESS

@@ -27,7 +27,7 @@ use std::{fmt, io};
 
 use bytes::Bytes;
 use http::uri::Scheme;
-use http::{Request, StatusCode, Uri};
+use http::{HeaderValue, Request, StatusCode, Uri};
 use http_body_util::Full;
 use hyper_util::client::legacy::connect::dns::Name;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -37,6 +37,7 @@ use super::http::{HttpClient, Protocol, describe_error};
 use super::{AppLabels, Outcome, retry_after};
 use crate::config::{EndpointsConfig, ProxyConfig};
 use crate::metrics::Metrics;
+use crate::notification::Prio;
 
 /// How long a host's vetted addresses are trusted before it is resolved again.
 const VERDICT_TTL: Duration = Duration::from_secs(60);
@@ -50,7 +51,8 @@ const MAX_IDLE_HOSTS: usize = 1024;
 pub struct EndpointPolicy {
     /// Host globs (`*`, `?`), lower-cased; empty means any host.
     allowed: Vec<WildMatch>,
-    allow_internal: bool,
+    /// `allow_internal_endpoints`; its address check is the one used at connect time too.
+    guard: GuardedResolver,
     verdicts: Mutex<Verdicts>,
 }
 
@@ -98,12 +100,13 @@ impl EndpointPolicy {
                 WildMatch::new(&g.trim_start_matches('[').trim_end_matches(']').to_lowercase())
             })
             .collect();
-        EndpointPolicy { allowed, allow_internal, verdicts: Mutex::new(HashMap::new()) }
+        let guard = GuardedResolver::new(allow_internal);
+        EndpointPolicy { allowed, guard, verdicts: Mutex::new(HashMap::new()) }
     }
 
     /// The resolver to build this app's `HttpConnector` with.
     pub fn resolver(&self) -> GuardedResolver {
-        GuardedResolver { allow_internal: self.allow_internal }
+        self.guard
     }
 
     /// Vets `url` before any connection is made; see the module doc for the rules.
@@ -113,7 +116,7 @@ impl EndpointPolicy {
             return Err(Refusal::NotAUrl);
         };
         let https = *scheme == Scheme::HTTPS;
-        let plain_http_allowed = self.allow_internal && *scheme == Scheme::HTTP;
+        let plain_http_allowed = self.guard.allows_any() && *scheme == Scheme::HTTP;
         if !(https || plain_http_allowed) {
             return Err(Refusal::Scheme);
         }
@@ -129,17 +132,10 @@ impl EndpointPolicy {
         }
         let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
         let addrs = match host.parse::<IpAddr>() {
-            Ok(ip) => self.vet(&host, vec![SocketAddr::new(ip, port)])?,
+            Ok(ip) => self.guard.vet(&host, vec![SocketAddr::new(ip, port)])?,
             Err(_) => self.resolve_vetted(&host, port).await?,
         };
         Ok(Checked { uri, host, addrs })
-    }
-
-    fn vet(&self, host: &str, addrs: Vec<SocketAddr>) -> Result<Vec<SocketAddr>, Refusal> {
-        if !self.allow_internal && addrs.iter().any(|a| is_internal(a.ip())) {
-            return Err(Refusal::Internal { host: host.to_owned() });
-        }
-        Ok(addrs)
     }
 
     /// Resolves and vets a host name, reusing a verdict younger than [`VERDICT_TTL`]. A name
@@ -151,7 +147,7 @@ impl EndpointPolicy {
         {
             return verdict.clone();
         }
-        let verdict = self.vet(host, resolve(host, port).await?);
+        let verdict = self.guard.vet(host, resolve(host, port).await?);
         let mut verdicts = self.verdicts();
         if verdicts.len() >= MAX_VERDICTS {
             verdicts.clear();
@@ -201,6 +197,8 @@ pub enum Size {
 pub struct EndpointClient {
     client: HttpClient,
     policy: EndpointPolicy,
+    /// The `TTL` header every push carries.
+    ttl: HeaderValue,
     hosts: HostLimits,
     app: Semaphore,
     labels: AppLabels,
@@ -232,6 +230,7 @@ impl EndpointClient {
         Ok(EndpointClient {
             client,
             policy,
+            ttl: HeaderValue::from(config.ttl.as_secs()),
             hosts: HostLimits {
                 per_host: config.max_concurrency_per_host,
                 hosts: Mutex::new(HashMap::new()),
@@ -243,9 +242,9 @@ impl EndpointClient {
     }
 
     /// One attempt: vets `endpoint` (a refusal makes no request), waits for a slot of its host
-    /// and of the app, then POSTs what `build` makes of it; after a 413, once more with
-    /// [`Size::Shortened`].
-    pub async fn post<F>(&self, endpoint: &str, build: F) -> Outcome
+    /// and of the app, then sends what `build` makes of it with the `TTL` and `Urgency` (from
+    /// `prio`) headers every push carries; after a 413, once more with [`Size::Shortened`].
+    pub async fn post<F>(&self, endpoint: &str, prio: Prio, build: F) -> Outcome
     where
         F: Fn(&Checked, Size) -> Result<Request<Full<Bytes>>, String>,
     {
@@ -267,6 +266,13 @@ impl EndpointClient {
         };
         let Ok(_app) = self.app.acquire().await else {
             return Outcome::Failed("provider is shutting down".into());
+        };
+        let build = |checked: &Checked, size: Size| {
+            let mut request = build(checked, size)?;
+            let headers = request.headers_mut();
+            headers.insert("ttl", self.ttl.clone());
+            headers.insert("urgency", HeaderValue::from_static(urgency(prio)));
+            Ok(request)
         };
         match self.exchange(&checked, &build, Size::Full).await {
             Exchanged::Done(outcome) => outcome,
@@ -313,6 +319,18 @@ impl EndpointClient {
             None => Exchanged::TooLarge,
         }
     }
+}
+
+/// RFC 8030's `Urgency`: `high` for `prio: high`, `normal` for `low` (DESIGN §3).
+fn urgency(prio: Prio) -> &'static str {
+    if prio == Prio::Low { "normal" } else { "high" }
+}
+
+/// Whether a device-supplied endpoint is an absolute URL at all: one that is not can never be
+/// delivered to, so its pushkey is rejected (what [`EndpointPolicy::check`] refuses beyond that
+/// may depend on the config, so it fails instead).
+pub fn is_absolute_url(url: &str) -> bool {
+    url.parse::<Uri>().is_ok_and(|u| u.host().is_some())
 }
 
 /// Maps a push service's answer (DESIGN §3); `None` for 413, which the caller may answer with a
@@ -399,6 +417,14 @@ impl GuardedResolver {
     pub fn allows_any(&self) -> bool {
         self.allow_internal
     }
+
+    /// `addrs` of `host`, unless one of them is internal and internal addresses are refused.
+    fn vet(&self, host: &str, addrs: Vec<SocketAddr>) -> Result<Vec<SocketAddr>, Refusal> {
+        if !self.allow_internal && addrs.iter().any(|a| is_internal(a.ip())) {
+            return Err(Refusal::Internal { host: host.to_owned() });
+        }
+        Ok(addrs)
+    }
 }
 
 /// The [`Refusal`] behind a failed connection, when the connector refused an internal address
@@ -428,16 +454,15 @@ impl tower::Service<Name> for GuardedResolver {
     }
 
     fn call(&mut self, name: Name) -> Self::Future {
-        let allow_internal = self.allow_internal;
+        let guard = *self;
         Box::pin(async move {
             let host = name.as_str();
             // The connector sets the port itself.
             let addrs =
                 resolve(host, 0).await.map_err(|e| io::Error::new(io::ErrorKind::NotFound, e))?;
-            if !allow_internal && addrs.iter().any(|a| is_internal(a.ip())) {
-                let refusal = Refusal::Internal { host: host.to_owned() };
-                return Err(io::Error::new(io::ErrorKind::PermissionDenied, refusal));
-            }
+            let addrs = guard
+                .vet(host, addrs)
+                .map_err(|refusal| io::Error::new(io::ErrorKind::PermissionDenied, refusal))?;
             Ok(addrs.into_iter())
         })
     }

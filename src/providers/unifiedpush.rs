@@ -10,11 +10,11 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request};
+use http::{Method, Request};
 use http_body_util::Full;
 use serde_json::{Value, json};
 
-use super::endpoint::{Checked, EndpointClient, Size};
+use super::endpoint::{Checked, EndpointClient, Size, is_absolute_url};
 use super::{AppLabels, Fit, Outcome, Skip, fit_json, notification_fields};
 use crate::config::{ProxyConfig, UnifiedPushConfig};
 use crate::metrics::Metrics;
@@ -37,7 +37,7 @@ pub struct UnifiedPushRequest {
     /// The `notification` object, kept to shorten it after a 413.
     notification: Value,
     body: Bytes,
-    urgency: &'static str,
+    prio: Prio,
 }
 
 impl std::fmt::Debug for UnifiedPushRequest {
@@ -45,7 +45,7 @@ impl std::fmt::Debug for UnifiedPushRequest {
         // The endpoint is the pushkey, and the body contains it.
         f.debug_struct("UnifiedPushRequest")
             .field("body_bytes", &self.body.len())
-            .field("urgency", &self.urgency)
+            .field("prio", &self.prio)
             .finish()
     }
 }
@@ -53,7 +53,6 @@ impl std::fmt::Debug for UnifiedPushRequest {
 /// One UnifiedPush app.
 pub struct UnifiedPush {
     endpoints: EndpointClient,
-    ttl: HeaderValue,
 }
 
 impl UnifiedPush {
@@ -65,47 +64,39 @@ impl UnifiedPush {
     ) -> Result<UnifiedPush, String> {
         Ok(UnifiedPush {
             endpoints: EndpointClient::new(&config.endpoints, proxy, labels, metrics)?,
-            ttl: HeaderValue::from(config.endpoints.ttl.as_secs()),
         })
     }
 
     pub fn prepare(&self, n: &Notification, d: &Device) -> Result<UnifiedPushRequest, Skip> {
-        if !d.pushkey.parse::<http::Uri>().is_ok_and(|u| u.host().is_some()) {
+        if !is_absolute_url(&d.pushkey) {
             return Err(Skip::BadPushkey("pushkey is not an absolute endpoint URL".into()));
         }
         let mut notification = build_notification(n, d);
         let body = wrap(&mut notification, MAX_BODY);
-        Ok(UnifiedPushRequest {
-            endpoint: d.pushkey.clone(),
-            notification,
-            body,
-            urgency: if n.prio == Prio::Low { "normal" } else { "high" },
-        })
+        Ok(UnifiedPushRequest { endpoint: d.pushkey.clone(), notification, body, prio: n.prio })
     }
 
     pub async fn send(&self, r: &UnifiedPushRequest) -> Outcome {
-        self.endpoints.post(&r.endpoint, |checked, size| self.request(r, checked, size)).await
+        self.endpoints.post(&r.endpoint, r.prio, |checked, size| request(r, checked, size)).await
     }
+}
 
-    fn request(
-        &self,
-        r: &UnifiedPushRequest,
-        checked: &Checked,
-        size: Size,
-    ) -> Result<Request<Full<Bytes>>, String> {
-        let body = match size {
-            Size::Full => r.body.clone(),
-            Size::Shortened => wrap(&mut r.notification.clone(), SHORTENED_BODY),
-        };
-        Request::builder()
-            .method(Method::POST)
-            .uri(checked.uri.clone())
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .header("ttl", self.ttl.clone())
-            .header("urgency", r.urgency)
-            .body(Full::new(body))
-            .map_err(|e| format!("cannot build request: {e}"))
-    }
+/// The POST of `r` to its vetted endpoint, shortened on [`Size::Shortened`].
+fn request(
+    r: &UnifiedPushRequest,
+    checked: &Checked,
+    size: Size,
+) -> Result<Request<Full<Bytes>>, String> {
+    let body = match size {
+        Size::Full => r.body.clone(),
+        Size::Shortened => wrap(&mut r.notification.clone(), SHORTENED_BODY),
+    };
+    Request::builder()
+        .method(Method::POST)
+        .uri(checked.uri.clone())
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(body))
+        .map_err(|e| format!("cannot build request: {e}"))
 }
 
 /// The notification as the homeserver sent it, with `devices` reduced to `d`.

@@ -28,7 +28,7 @@ use http_body_util::Full;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
 use serde_json::{Value, json};
 
-use super::endpoint::{Checked, EndpointClient, Size};
+use super::endpoint::{Checked, EndpointClient, Size, is_absolute_url};
 use super::{AppLabels, Fit, Outcome, Skip, fit_json, notification_fields};
 use crate::config::{ProxyConfig, VapidKey, WebPushConfig};
 use crate::metrics::Metrics;
@@ -62,7 +62,7 @@ pub struct WebPushRequest {
     payload: Value,
     /// `payload` serialized within [`MAX_PAYLOAD`].
     plaintext: Vec<u8>,
-    urgency: &'static str,
+    prio: Prio,
     topic: Option<String>,
 }
 
@@ -71,7 +71,7 @@ impl std::fmt::Debug for WebPushRequest {
         // The endpoint is a capability URL and the keys are the subscription's secrets.
         f.debug_struct("WebPushRequest")
             .field("plaintext_bytes", &self.plaintext.len())
-            .field("urgency", &self.urgency)
+            .field("prio", &self.prio)
             .field("topic", &self.topic.is_some())
             .finish()
     }
@@ -81,7 +81,6 @@ impl std::fmt::Debug for WebPushRequest {
 pub struct WebPush {
     endpoints: EndpointClient,
     vapid: Vapid,
-    ttl: HeaderValue,
 }
 
 impl WebPush {
@@ -94,13 +93,7 @@ impl WebPush {
         Ok(WebPush {
             endpoints: EndpointClient::new(&config.endpoints, proxy, labels, metrics)?,
             vapid: Vapid::new(&config.vapid, &config.vapid_subject)?,
-            ttl: HeaderValue::from(config.endpoints.ttl.as_secs()),
         })
-    }
-
-    /// The VAPID public key, base64url: what the web client passes to `pushManager.subscribe`.
-    pub fn vapid_public_key(&self) -> &str {
-        &self.vapid.public_b64
     }
 
     pub fn prepare(&self, n: &Notification, d: &Device) -> Result<WebPushRequest, Skip> {
@@ -126,7 +119,7 @@ impl WebPush {
             })?,
         };
         let endpoint = match data.and_then(|m| m.get("endpoint")).and_then(Value::as_str) {
-            Some(url) if url.parse::<http::Uri>().is_ok_and(|u| u.host().is_some()) => url,
+            Some(url) if is_absolute_url(url) => url,
             _ => return Err(Skip::BadPushkey("data.endpoint is not an absolute URL".into())),
         };
         if flag("events_only") && n.event_id.is_none() {
@@ -144,13 +137,14 @@ impl WebPush {
             auth,
             payload,
             plaintext,
-            urgency: if n.prio == Prio::Low { "normal" } else { "high" },
+            prio: n.prio,
             topic,
         })
     }
 
     pub async fn send(&self, r: &WebPushRequest) -> Outcome {
-        self.endpoints.post(&r.endpoint, |checked, size| self.request(r, checked, size)).await
+        let build = |checked: &Checked, size| self.request(r, checked, size);
+        self.endpoints.post(&r.endpoint, r.prio, build).await
     }
 
     /// Encrypts `r` (shortened on [`Size::Shortened`]) into a signed request for `checked`.
@@ -170,9 +164,7 @@ impl WebPush {
             .uri(checked.uri.clone())
             .header(http::header::AUTHORIZATION, self.vapid.authorization(&origin(&checked.uri))?)
             .header(http::header::CONTENT_ENCODING, "aes128gcm")
-            .header(http::header::CONTENT_TYPE, "application/octet-stream")
-            .header("ttl", self.ttl.clone())
-            .header("urgency", r.urgency);
+            .header(http::header::CONTENT_TYPE, "application/octet-stream");
         if let Some(topic) = &r.topic {
             builder = builder.header("topic", topic);
         }
@@ -494,7 +486,7 @@ mod tests {
         assert!(value.is_sensitive());
         let text = value.to_str().unwrap();
         let (t, k) = text.strip_prefix("vapid t=").unwrap().split_once(", k=").unwrap();
-        assert_eq!(k, p.vapid_public_key());
+        assert_eq!(k, p.vapid.public_b64);
         let (signing_input, signature) = t.rsplit_once('.').unwrap();
         let public = URL_SAFE_NO_PAD.decode(k).unwrap();
         ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, public)
