@@ -22,9 +22,9 @@ use crate::support::fake_fcm::{FCM_SCOPE, FakeFcm, FcmReply, JWT_BEARER_GRANT, s
 use crate::support::fake_unifiedpush::FakeDistributor;
 use crate::support::fake_webpush::{
     DEFAULT_MAX_BODY, FakePushService, PushReply, Subscription, VAPID_SEC1_PEM, decrypt_aes128gcm,
-    public_key_b64_of_sec1, sign_es256_jwt, sign_vapid_jwt, vapid_authorization, vapid_key,
+    public_key_b64_of_sec1, sign_vapid_jwt, vapid_authorization, vapid_key,
 };
-use crate::support::server::{FakeServer, unix_now};
+use crate::support::server::{FakeServer, sign_es256_jwt, unix_now};
 use crate::support::tls::TestCa;
 
 const TEAM_ID: &str = "TEAM123456";

@@ -43,7 +43,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Version};
 use ring::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
 
-use super::server::{ConnAction, ConnInfo, FakeServer, Recorder, Scripts, unix_now};
+use super::server::{
+    ConnAction, ConnInfo, FakeServer, Recorder, Scripts, sign_es256_jwt, unix_now,
+};
 use super::tls::TestCa;
 
 /// A scripted APNs answer for one request.
@@ -525,22 +527,6 @@ fn apns_response(
 /// Mints an APNs provider token the way a well-behaved client does: ES256 over
 /// `{"alg":"ES256","kid":KEY_ID}.{"iss":TEAM_ID,"iat":IAT}` with the `.p8` key.
 pub fn sign_provider_token(p8_pem: &str, team_id: &str, key_id: &str, iat: u64) -> String {
-    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
-    use rustls::pki_types::PrivatePkcs8KeyDer;
-    use rustls::pki_types::pem::PemObject;
-
-    let der = PrivatePkcs8KeyDer::from_pem_slice(p8_pem.as_bytes()).expect("parse .p8 PEM");
-    let rng = ring::rand::SystemRandom::new();
-    let key =
-        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.secret_pkcs8_der(), &rng)
-            .expect("P-256 PKCS#8 key");
     let header = serde_json::json!({ "alg": "ES256", "kid": key_id });
-    let claims = serde_json::json!({ "iss": team_id, "iat": iat });
-    let signing_input = format!(
-        "{}.{}",
-        URL_SAFE_NO_PAD.encode(header.to_string()),
-        URL_SAFE_NO_PAD.encode(claims.to_string())
-    );
-    let signature = key.sign(&rng, signing_input.as_bytes()).expect("ES256 sign");
-    format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature.as_ref()))
+    sign_es256_jwt(p8_pem, &header, &serde_json::json!({ "iss": team_id, "iat": iat }))
 }

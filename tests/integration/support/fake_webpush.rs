@@ -60,7 +60,9 @@ use ring::{aead, hkdf};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use super::server::{ConnAction, ConnInfo, FakeServer, Recorder, Scripts, unix_now};
+use super::server::{
+    ConnAction, ConnInfo, FakeServer, Recorder, Scripts, sign_es256_jwt, unix_now,
+};
 use super::tls::TestCa;
 
 /// The largest body accepted unless changed with `set_max_body` (RFC 8030 §7.2:
@@ -737,26 +739,6 @@ pub fn public_key_b64_of_sec1(pem: &str) -> String {
 pub fn sign_vapid_jwt(pkcs8_pem: &str, aud: &str, exp: u64, sub: &str) -> String {
     let header = json!({ "typ": "JWT", "alg": "ES256" });
     sign_es256_jwt(pkcs8_pem, &header, &json!({ "aud": aud, "exp": exp, "sub": sub }))
-}
-
-/// An ES256 JWT with any `header` and `claims`, for hand-made bad tokens.
-pub fn sign_es256_jwt(pkcs8_pem: &str, header: &Value, claims: &Value) -> String {
-    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
-    use rustls::pki_types::PrivatePkcs8KeyDer;
-    use rustls::pki_types::pem::PemObject;
-
-    let der = PrivatePkcs8KeyDer::from_pem_slice(pkcs8_pem.as_bytes()).expect("PKCS#8 PEM");
-    let rng = ring::rand::SystemRandom::new();
-    let key =
-        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.secret_pkcs8_der(), &rng)
-            .expect("P-256 PKCS#8 key");
-    let signing_input = format!(
-        "{}.{}",
-        URL_SAFE_NO_PAD.encode(header.to_string()),
-        URL_SAFE_NO_PAD.encode(claims.to_string())
-    );
-    let signature = key.sign(&rng, signing_input.as_bytes()).expect("ES256 sign");
-    format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature.as_ref()))
 }
 
 /// The `Authorization` value for `jwt` and public key `k`: `vapid t=JWT, k=K`.

@@ -28,8 +28,9 @@
 //! [`FakeServer::start_raw_reset`] is a server that resets every TCP connection
 //! as soon as it is accepted, before any TLS or HTTP.
 //!
-//! The file also holds two small helpers shared by the fakes: [`Recorder`]
-//! (a request log one can wait on) and [`Scripts`] (per-key FIFO reply queues).
+//! The file also holds small helpers shared by the fakes: [`Recorder`] (a
+//! request log one can wait on), [`Scripts`] (per-key FIFO reply queues) and
+//! [`sign_es256_jwt`] (the JWTs APNs clients and VAPID senders make).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -480,4 +481,31 @@ pub fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock after 1970")
         .as_secs()
+}
+
+/// An ES256 JWT over `header` and `claims`, signed with a P-256 PKCS#8 PEM key: what APNs
+/// clients and VAPID senders make, and hand-made bad tokens.
+pub fn sign_es256_jwt(
+    pkcs8_pem: &str,
+    header: &serde_json::Value,
+    claims: &serde_json::Value,
+) -> String {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+    use rustls::pki_types::PrivatePkcs8KeyDer;
+    use rustls::pki_types::pem::PemObject;
+
+    let der = PrivatePkcs8KeyDer::from_pem_slice(pkcs8_pem.as_bytes()).expect("PKCS#8 PEM");
+    let rng = ring::rand::SystemRandom::new();
+    let key =
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.secret_pkcs8_der(), &rng)
+            .expect("P-256 PKCS#8 key");
+    let signing_input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let signature = key.sign(&rng, signing_input.as_bytes()).expect("ES256 sign");
+    format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature.as_ref()))
 }
